@@ -1,0 +1,149 @@
+"""A dense autoencoder's forward pass in plain numpy.
+
+The worker scores with this instead of Keras: it needs no TensorFlow import (2-3 s and
+~500 MB saved at start-up) and avoids Keras ``predict``'s per-call input pipeline, which
+caps a streaming scorer at ~13k readings/s (GUIDE §6). ``tests/unit/test_network.py``
+checks it against the Keras model to 1e-5.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.errors import ArtifactError
+
+F32 = npt.NDArray[np.float32]
+
+
+def _relu(x: F32) -> F32:
+    return np.maximum(x, 0.0, out=x)
+
+
+def _sigmoid(x: F32) -> F32:
+    # Numerically stable: exp of a non-positive number only.
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def _elu(x: F32) -> F32:
+    return np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))).astype(np.float32)
+
+
+def _linear(x: F32) -> F32:
+    return x
+
+
+ACTIVATIONS: Mapping[str, Callable[[F32], F32]] = {
+    "relu": _relu,
+    "tanh": np.tanh,
+    "sigmoid": _sigmoid,
+    "elu": _elu,
+    "linear": _linear,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class DenseLayer:
+    """``activation(x @ kernel + bias)``; kernel is (inputs, units) float32."""
+
+    kernel: F32
+    bias: F32
+    activation: str
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ArtifactError(
+                f"activation {self.activation!r} is not supported by the numpy scorer; "
+                f"use one of {sorted(ACTIVATIONS)}"
+            )
+        if self.kernel.ndim != 2 or self.bias.shape != (self.kernel.shape[1],):
+            raise ArtifactError("dense layer kernel/bias shapes do not match; re-train")
+
+
+@dataclass(frozen=True, eq=False)
+class DenseNetwork:
+    """A stack of dense layers; the code (bottleneck) layer index is recorded for projections."""
+
+    layers: tuple[DenseLayer, ...]
+    code_layer: int
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.layers[0].kernel.shape[0])
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.layers[-1].kernel.shape[1])
+
+    def forward(self, x: F32, upto: int | None = None) -> F32:
+        """Run rows ``x`` (n, n_inputs) float32 through layers ``[0, upto)``; all by default."""
+        h = np.asarray(x, dtype=np.float32)
+        for layer in self.layers[: len(self.layers) if upto is None else upto]:
+            h = ACTIVATIONS[layer.activation](h @ layer.kernel + layer.bias)
+        return h
+
+    def encode(self, x: F32) -> F32:
+        """The bottleneck code of each row (for latent-space plots)."""
+        return self.forward(x, upto=self.code_layer + 1)
+
+    def to_arrays(self) -> tuple[dict[str, F32], dict[str, Any]]:
+        """Arrays for ``np.savez`` and a JSON-able description of the architecture."""
+        arrays: dict[str, F32] = {}
+        for i, layer in enumerate(self.layers):
+            arrays[f"kernel_{i}"] = layer.kernel
+            arrays[f"bias_{i}"] = layer.bias
+        meta = {
+            "activations": [layer.activation for layer in self.layers],
+            "code_layer": self.code_layer,
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> DenseNetwork:
+        try:
+            acts = list(meta["activations"])
+            layers = tuple(
+                DenseLayer(
+                    kernel=np.asarray(arrays[f"kernel_{i}"], dtype=np.float32),
+                    bias=np.asarray(arrays[f"bias_{i}"], dtype=np.float32),
+                    activation=str(a),
+                )
+                for i, a in enumerate(acts)
+            )
+            net = cls(layers=layers, code_layer=int(meta["code_layer"]))
+        except KeyError as e:
+            raise ArtifactError(f"network weights lack {e.args[0]!r}; re-train") from None
+        for a, b in itertools.pairwise(layers):
+            if a.kernel.shape[1] != b.kernel.shape[0]:
+                raise ArtifactError("network layer sizes do not chain; re-train")
+        return net
+
+    @classmethod
+    def from_keras(cls, model: Any) -> DenseNetwork:
+        """Extract the Dense layers of a Keras model (Dropout/Input layers are skipped).
+
+        The code layer is the narrowest Dense layer.
+        """
+        layers: list[DenseLayer] = []
+        for layer in model.layers:
+            if type(layer).__name__ != "Dense":
+                continue
+            kernel, bias = (np.asarray(w, dtype=np.float32) for w in layer.get_weights())
+            act = layer.get_config()["activation"]
+            if not isinstance(act, str):
+                raise ArtifactError(f"layer {layer.name} uses a non-builtin activation")
+            layers.append(DenseLayer(kernel=kernel, bias=bias, activation=act))
+        if not layers:
+            raise ArtifactError("the Keras model has no Dense layers")
+        widths = [lay.kernel.shape[1] for lay in layers[:-1]] or [layers[0].kernel.shape[1]]
+        return cls(layers=tuple(layers), code_layer=int(np.argmin(widths)))
