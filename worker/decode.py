@@ -1,0 +1,284 @@
+"""Decoding and validating readings: Kafka value bytes in, a float matrix and failures out.
+
+Contract of a reading (see ``schemas/reading.v1.json``)::
+
+    {"device_id": "pump-007", "timestamp": 1764201600123, "values": {"sensor_00": 0.12, ...}}
+
+Field names are configurable; with ``values_field = ""`` the features are top-level fields.
+``timestamp`` is epoch milliseconds (integer) or an RFC 3339 string. A feature that is
+missing or ``null`` is imputed with the training fill value when at most
+``max_imputed_features`` are missing, otherwise the reading is dead-lettered. Unknown extra
+fields are ignored. Duplicate keys: the last one wins (as in msgspec, orjson and
+``JSON.parse``). Decoding uses msgspec with a struct type generated from the model's feature
+order, so type checks (no strings or booleans as numbers, no ``NaN``/``Infinity`` literals,
+no out-of-range numbers) happen inside the parser at ~1 µs per reading.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from worker.config import ReadingSettings
+from worker.reasons import Reason, Stage
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Epoch-millisecond timestamps since 1973 have 12+ digits; smaller values are almost surely
+# seconds, which would otherwise be read as 1970 and silently skew latency and "since when".
+_MIN_PLAUSIBLE_MS = 100_000_000_000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why record ``index`` of a batch could not be scored."""
+
+    index: int
+    reason: Reason
+    stage: Stage
+    exception: str  # class name
+    message: str
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedBatch:
+    """The scorable part of a batch.
+
+    Attributes:
+        index: position of each decoded row in the input list.
+        x: raw feature values (rows, features) float64, NaN where a value is missing.
+        device_ids: one per row.
+        timestamps_ms: reading time, epoch milliseconds, int64 (rows,).
+        missing: count of imputed features per row.
+        failures: records that could not be decoded, in input order.
+    """
+
+    index: list[int]
+    x: npt.NDArray[np.float64]
+    device_ids: list[str]
+    timestamps_ms: npt.NDArray[np.int64]
+    missing: npt.NDArray[np.int64]
+    failures: list[Failure]
+
+
+def _classify_validation(msg: str, s: ReadingSettings) -> Reason:
+    """Map a msgspec ValidationError message to a reason."""
+    if "missing required field" in msg:
+        return Reason.MISSING_FIELD
+    if f"$.{s.timestamp_field}`" in msg or msg.endswith(f"$.{s.timestamp_field}"):
+        return Reason.INVALID_TIMESTAMP
+    if f"$.{s.device_field}`" in msg or msg.endswith(f"$.{s.device_field}"):
+        return Reason.INVALID_DEVICE_ID
+    if "Expected `float | null`" in msg or "Number out of range" in msg:
+        return Reason.INVALID_NUMBER
+    return Reason.INVALID_SHAPE
+
+
+class ReadingDecoder:
+    """Decodes batches of reading bytes for one model's feature order. Not thread-safe."""
+
+    def __init__(
+        self,
+        feature_names: Sequence[str],
+        settings: ReadingSettings,
+        now_ms: Any = None,
+    ) -> None:
+        self.features = tuple(feature_names)
+        self.settings = s = settings
+        self._now_ms = now_ms  # injectable clock for tests: () -> int
+        feats = [(f"f{i}", float | None, None) for i in range(len(self.features))]
+        rename = {f"f{i}": name for i, name in enumerate(self.features)}
+        head = [("device", str), ("ts", int | str)]
+        head_names = {"device": s.device_field, "ts": s.timestamp_field}
+        if s.values_field:
+            values_t = msgspec.defstruct("Values", feats, rename=rename)  # type: ignore[arg-type]
+            reading_t = msgspec.defstruct(
+                "Reading",
+                [*head, ("values", values_t)],
+                rename={**head_names, "values": s.values_field},
+            )
+        else:
+            reading_t = msgspec.defstruct(
+                "Reading",
+                [*head, *feats],
+                rename={**head_names, **rename},  # type: ignore[list-item]
+            )
+        self._flat = not s.values_field
+        self._decoder = msgspec.json.Decoder(reading_t)
+        self._good_ids: set[str] = set()
+
+    def _now(self) -> int:
+        if self._now_ms is not None:
+            return int(self._now_ms())
+        import time
+
+        return time.time_ns() // 1_000_000
+
+    def _check_device(self, dev: str) -> str | None:
+        """None if ``dev`` is acceptable, else the reason text."""
+        if dev in self._good_ids:
+            return None
+        if not dev:
+            return "empty device id"
+        if len(dev) > self.settings.max_device_id_length:
+            return f"device id longer than {self.settings.max_device_id_length} characters"
+        if _CONTROL.search(dev):
+            return "device id contains control characters"
+        if len(self._good_ids) < 1_000_000:  # bounded cache of ids already validated
+            self._good_ids.add(dev)
+        return None
+
+    def _timestamp_ms(self, ts: int | str) -> int:
+        if isinstance(ts, str):
+            try:
+                dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(
+                    f"unparsable timestamp {ts[:64]!r}; use epoch ms or RFC 3339"
+                ) from None
+            if dt.tzinfo is None:
+                raise ValueError(f"timestamp {ts[:64]!r} has no UTC offset; add 'Z' or '+00:00'")
+            return int(dt.timestamp() * 1000)
+        return ts
+
+    def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
+        """Decode and validate a batch. Never raises for bad input: failures are returned."""
+        s = self.settings
+        failures: list[Failure] = []
+        index: list[int] = []
+        rows: list[tuple[float | None, ...]] = []
+        devices: list[str] = []
+        stamps: list[int] = []
+        decode = self._decoder.decode
+        astuple = msgspec.structs.astuple
+        flat = self._flat
+        for i, raw in enumerate(values):
+            if raw is None or len(raw) == 0:
+                what = "tombstone (null value)" if raw is None else "empty value"
+                failures.append(Failure(i, Reason.DECODE_ERROR, Stage.DECODE, "EmptyValue", what))
+                continue
+            if len(raw) > s.max_value_bytes:
+                failures.append(
+                    Failure(
+                        i,
+                        Reason.OVERSIZE,
+                        Stage.DECODE,
+                        "Oversize",
+                        f"value is {len(raw)} bytes, limit {s.max_value_bytes}",
+                    )
+                )
+                continue
+            try:
+                r: Any = decode(raw)
+            except msgspec.ValidationError as e:
+                failures.append(
+                    Failure(
+                        i,
+                        _classify_validation(str(e), s),
+                        Stage.DECODE,
+                        "ValidationError",
+                        str(e)[:500],
+                    )
+                )
+                continue
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+                reason = (
+                    Reason.INVALID_SHAPE if isinstance(e, RecursionError) else Reason.DECODE_ERROR
+                )
+                failures.append(Failure(i, reason, Stage.DECODE, type(e).__name__, str(e)[:500]))
+                continue
+            dev = r.device
+            bad = self._check_device(dev)
+            if bad is not None:
+                failures.append(
+                    Failure(i, Reason.INVALID_DEVICE_ID, Stage.VALIDATE, "InvalidDeviceId", bad)
+                )
+                continue
+            try:
+                ts = self._timestamp_ms(r.ts)
+            except ValueError as e:
+                failures.append(
+                    Failure(i, Reason.INVALID_TIMESTAMP, Stage.VALIDATE, "ValueError", str(e))
+                )
+                continue
+            index.append(i)
+            devices.append(dev)
+            stamps.append(ts)
+            rows.append(astuple(r)[2:] if flat else astuple(r.values))
+        return self._finish(index, rows, devices, stamps, failures)
+
+    def _finish(
+        self,
+        index: list[int],
+        rows: list[tuple[float | None, ...]],
+        devices: list[str],
+        stamps: list[int],
+        failures: list[Failure],
+    ) -> DecodedBatch:
+        s = self.settings
+        n_f = len(self.features)
+        x = np.array(rows, dtype=np.float64).reshape(len(rows), n_f)  # None -> NaN
+        # Python ints can exceed int64 (a malformed timestamp): clip before the cast, the
+        # range check below refuses them anyway.
+        ts = np.array([min(max(t, -(2**62)), 2**62) for t in stamps], dtype=np.int64)
+        missing = np.isnan(x).sum(axis=1).astype(np.int64)
+        now = self._now()
+        keep = np.ones(len(index), dtype=bool)
+        bad_ts = (
+            (ts < _MIN_PLAUSIBLE_MS)
+            | (ts > now + s.max_future_s * 1000)
+            | (ts < now - s.max_past_s * 1000)
+        )
+        too_many_missing = missing > s.max_imputed_features
+        if bad_ts.any() or too_many_missing.any():
+            for j in np.flatnonzero(bad_ts | too_many_missing):
+                keep[j] = False
+                if bad_ts[j]:
+                    failures.append(
+                        Failure(
+                            index[j],
+                            Reason.INVALID_TIMESTAMP,
+                            Stage.VALIDATE,
+                            "ValueError",
+                            _ts_message(int(ts[j]), now, s),
+                        )
+                    )
+                else:
+                    names = [self.features[k] for k in np.flatnonzero(np.isnan(x[j]))]
+                    failures.append(
+                        Failure(
+                            index[j],
+                            Reason.MISSING_FIELD,
+                            Stage.VALIDATE,
+                            "MissingFeature",
+                            f"missing or null features {names[:10]} "
+                            f"(more than {s.max_imputed_features} allowed)",
+                        )
+                    )
+            failures.sort(key=lambda f: f.index)
+            index = [k for k, ok in zip(index, keep, strict=True) if ok]
+            devices = [d for d, ok in zip(devices, keep, strict=True) if ok]
+            x, ts, missing = x[keep], ts[keep], missing[keep]
+        return DecodedBatch(
+            index=index,
+            x=x,
+            device_ids=devices,
+            timestamps_ms=ts,
+            missing=missing,
+            failures=failures,
+        )
+
+
+def _ts_message(ts: int, now: int, s: ReadingSettings) -> str:
+    if ts < _MIN_PLAUSIBLE_MS:
+        return f"timestamp {ts} looks like seconds or is before 1973; send epoch milliseconds"
+    if ts > now:
+        ahead = (ts - now) / 1000
+        return f"timestamp {ts} is {ahead:.0f}s in the future (limit {s.max_future_s:.0f}s)"
+    return f"timestamp {ts} is {(now - ts) / 1000:.0f}s old (limit {s.max_past_s:.0f}s)"

@@ -1,0 +1,155 @@
+"""Anomaly events and dead-letter records: building and encoding, no I/O.
+
+Event schema: ``schemas/anomaly-event.v1.json``. Dead-letter headers reuse Kafka Connect's
+names (``__connect.errors.*``) so existing tooling can read them, plus our closed-set
+reason under ``sensor_anomaly.error.reason``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from detector import Contribution
+from worker.reasons import Reason, Stage
+from worker.records import InputRecord, OutputMessage
+
+EVENT_SCHEMA = "sensor-anomaly-event/v1"
+_encode = msgspec.json.Encoder().encode
+
+
+def event_id(topic: str, partition: int, offset: int) -> str:
+    """Deterministic id of the event for one input record: reprocessing gives the same id."""
+    return f"{topic}/{partition}/{offset}"
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC with millisecond precision."""
+    return (
+        datetime.fromtimestamp(ms / 1000, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class EpisodeTracker:
+    """Remembers, per device, when its current run of anomalous readings began ("since when").
+
+    A run ends at the device's first normal reading. Bounded (LRU) so a flood of device ids
+    cannot grow memory; state is per worker and restarts empty, so after a restart or a
+    rebalance ``anomaly_since`` starts again at the next anomalous reading.
+    """
+
+    def __init__(self, max_devices: int = 100_000) -> None:
+        self._since: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._max = max_devices
+
+    def update(self, device: str, ts_ms: int, anomalous: bool) -> tuple[int, int] | None:
+        """Record a reading; return ``(since_ms, count)`` of the run if anomalous."""
+        if not anomalous:
+            self._since.pop(device, None)
+            return None
+        prev = self._since.pop(device, None)
+        run = (prev[0], prev[1] + 1) if prev and prev[0] <= ts_ms else (ts_ms, 1)
+        self._since[device] = run
+        if len(self._since) > self._max:
+            self._since.popitem(last=False)
+        return run
+
+
+class DeviceGroups:
+    """Maps device ids to a bounded set of metric label values (never a raw id)."""
+
+    def __init__(self, pattern: str, max_groups: int) -> None:
+        self._re = re.compile(pattern)
+        self._max = max_groups
+        self._cache: dict[str, str] = {}
+        self._groups: set[str] = set()
+
+    def __call__(self, device: str) -> str:
+        g = self._cache.get(device)
+        if g is not None:
+            return g
+        m = self._re.search(device)
+        g = (m.group(1) if m and m.groups() else (m.group(0) if m else "")) or "other"
+        g = re.sub(r"[^A-Za-z0-9_.-]", "_", g)[:32]
+        if g not in self._groups:
+            if len(self._groups) >= self._max:
+                g = "other"
+            else:
+                self._groups.add(g)
+        if len(self._cache) < 1_000_000:
+            self._cache[device] = g
+        return g
+
+
+def build_event(
+    *,
+    record: InputRecord,
+    device_id: str,
+    ts_ms: int,
+    detected_ms: int,
+    score: float,
+    threshold: float,
+    contributors: list[Contribution],
+    imputed: list[str],
+    since: tuple[int, int],
+    model_name: str,
+    model_version: str,
+) -> OutputMessage:
+    """One anomaly event, keyed by device id."""
+    doc: dict[str, Any] = {
+        "schema": EVENT_SCHEMA,
+        "event_id": event_id(record.topic, record.partition, record.offset),
+        "device_id": device_id,
+        "reading_timestamp": iso_ms(ts_ms),
+        "reading_timestamp_ms": ts_ms,
+        "detected_at": iso_ms(detected_ms),
+        "score": score,
+        "threshold": threshold,
+        "score_ratio": score / threshold,
+        "anomaly_since": iso_ms(since[0]),
+        "anomaly_since_ms": since[0],
+        "consecutive_anomalies": since[1],
+        "contributors": [
+            {
+                "sensor": c.sensor,
+                "share": round(c.share, 6),
+                "value": c.value,
+                "expected": c.expected,
+                "error_z": round(c.error_z, 3),
+            }
+            for c in contributors
+        ],
+        "imputed_sensors": imputed,
+        "model": {"name": model_name, "version": model_version},
+        "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+    }
+    return OutputMessage("event", device_id.encode(), _encode(doc), [])
+
+
+def build_dead_letter(
+    record: InputRecord,
+    reason: Reason,
+    stage: Stage,
+    exception: str,
+    message: str,
+    model_version: str,
+) -> OutputMessage:
+    """The original key, value and headers plus error headers."""
+    headers = list(record.headers or [])
+    headers += [
+        ("__connect.errors.topic", record.topic.encode()),
+        ("__connect.errors.partition", str(record.partition).encode()),
+        ("__connect.errors.offset", str(record.offset).encode()),
+        ("__connect.errors.stage", stage.value.encode()),
+        ("__connect.errors.exception.class.name", exception.encode()),
+        ("__connect.errors.exception.message", message.encode("utf-8", "replace")[:2000]),
+        ("sensor_anomaly.error.reason", reason.value.encode()),
+        ("sensor_anomaly.model.version", model_version.encode()),
+    ]
+    return OutputMessage("dead_letter", record.key, record.value, headers)
