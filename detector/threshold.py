@@ -26,6 +26,8 @@ class Threshold:
         error_mean, error_std: statistics of the normal errors it was fitted on (population
             std, ``ddof=0``), kept so reports and events can say how unusual a score is.
         n: number of normal readings it was fitted on.
+        exceed_rate: fraction of those readings above ``value``: the false-positive rate to
+            expect on normal data like the holdout.
     """
 
     method: ThresholdMethod
@@ -34,6 +36,7 @@ class Threshold:
     error_mean: float
     error_std: float
     n: int
+    exceed_rate: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class Threshold:
             "error_mean": self.error_mean,
             "error_std": self.error_std,
             "n": self.n,
+            "exceed_rate": self.exceed_rate,
         }
 
     @classmethod
@@ -54,6 +58,7 @@ class Threshold:
             error_mean=float(d["error_mean"]),
             error_std=float(d["error_std"]),
             n=int(d["n"]),
+            exceed_rate=float(d.get("exceed_rate", float("nan"))),
         )
         if not (math.isfinite(t.value) and t.value > 0):
             raise ThresholdError(f"stored threshold {t.value} is not a positive finite number")
@@ -106,4 +111,5 @@ def fit_threshold(
         error_mean=mean,
         error_std=std,
         n=int(e.size),
+        exceed_rate=float((e > value).mean()),
     )

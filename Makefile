@@ -1,0 +1,58 @@
+# Two commands on a fresh machine:
+#   make test   install everything, start the local Kafka, lint, type-check, run all tests, stop Kafka
+#   make demo   the whole job end to end on synthetic sensor data, then stop everything
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export KAFKA_PORT ?= 39092
+export KAFKA_CONTROLLER_PORT ?= 39093
+export KAFKA_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
+
+.PHONY: help install system-deps kafka-jars lint typecheck test unit demo bench kafka-start kafka-stop clean
+
+help:
+	@echo "make test | make demo | make bench | make lint | make typecheck | make kafka-start | make kafka-stop"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+system-deps:
+	scripts/system-deps.sh
+
+kafka-jars:
+	deploy/kafka/kafka.sh fetch
+
+install: $(BIN)/.installed system-deps kafka-jars
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+test: install
+	scripts/test.sh
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest -q tests/unit
+
+demo: install
+	scripts/demo.sh
+
+bench: install
+	scripts/bench.sh
+
+kafka-start: kafka-jars
+	deploy/kafka/kafka.sh start
+
+kafka-stop:
+	deploy/kafka/kafka.sh stop
+
+clean:
+	-deploy/kafka/kafka.sh stop
+	rm -rf .cache/kafka/data-* demo-out bench-out .pytest_cache .mypy_cache .ruff_cache
