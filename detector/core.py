@@ -115,11 +115,14 @@ class Detector:
             raise DetectorError(
                 f"expected an array of shape (n, {self.n_features}), got {raw.shape}"
             )
-        z = self.preprocessor.transform(raw)
-        recon = self.network.forward(z)
-        diff = z - recon
-        fe = np.square(diff, out=diff)
-        score = fe.mean(axis=1, dtype=np.float64)
+        # Overflow to inf/NaN is expected for absurd inputs and reported through the
+        # non-finite score, so numpy's warnings would only be noise in the worker's log.
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = self.preprocessor.transform(raw)
+            recon = self.network.forward(z)
+            diff = z - recon
+            fe = np.square(diff, out=diff)
+            score = fe.mean(axis=1, dtype=np.float64)
         return Scores(score=score, feature_error=fe, reconstruction=recon)
 
     def is_anomaly(self, score: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
