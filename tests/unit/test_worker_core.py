@@ -320,3 +320,26 @@ def test_health_endpoints_follow_state() -> None:
         assert _get(base + "/readyz")[0] == 503
     finally:
         srv.stop()
+
+
+def test_every_worker_setting_is_documented_in_the_readme() -> None:
+    from worker.config import WorkerConfig
+
+    readme = (REPO / "README.md").read_text()
+    cfg = WorkerConfig()
+    missing = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            if f"`{section.name}`" not in readme:
+                missing.append(section.name)
+            continue
+        for f in dataclasses.fields(value):
+            if f"{section.name}.{f.name}" not in readme:
+                missing.append(f"{section.name}.{f.name}")
+    assert not missing, f"undocumented settings: {missing}"
+
+
+def test_example_configs_load() -> None:
+    for path in (REPO / "examples/worker-local.yaml", REPO / "deploy/config/worker.yaml"):
+        load_config(path, env={})
