@@ -217,6 +217,7 @@ class Worker:
                 log.exception("error closing producer")
             self.producer = None
         self.health.update(assigned_partitions=0)
+        self.metrics.ready.set(0)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -383,6 +384,7 @@ class Worker:
         self._refresh_lag()
         self._check_give_up()
         self._maybe_reload()
+        self.metrics.ready.set(1 if self.health.readiness()[0] else 0)
 
     def _refresh_lag(self) -> None:
         """Ask the broker for log-end offsets: measures lag and proves the broker answers."""
