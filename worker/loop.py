@@ -237,6 +237,8 @@ class Worker:
         except KafkaError as e:
             self._kafka_error("poll", e)
             return
+        if polled and self._outage_since is not None:
+            self._outage_over()  # records arrived: the broker is back
         for tp, recs in polled.items():
             if not pending.records:
                 pending.started = time.monotonic()
@@ -393,7 +395,7 @@ class Worker:
         if not assigned:
             return
         try:
-            ends = self.consumer.end_offsets(assigned, timeout_ms=3000)
+            ends = self.consumer.end_offsets(assigned, timeout_ms=5000)
         except (KafkaTimeoutError, KafkaError) as e:
             self._kafka_error("end_offsets", e)
             return
@@ -437,7 +439,8 @@ class Worker:
         assert self.consumer is not None
         self.metrics.rebalances.inc()
         n = len(self.consumer.assignment())
-        self.health.update(assigned_partitions=n, broker_ok=True)
+        self.health.update(assigned_partitions=n)
+        self._outage_over()  # the group coordinator answered
         log.info(
             "assigned %d partition(s): %s",
             n,
