@@ -185,6 +185,7 @@ class Registry:
         if not (d / version / MANIFEST).is_file():
             raise ArtifactError(f"version {version} of {name} does not exist in {self.root}")
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".CURRENT.")
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide CURRENT from a worker's user
         with os.fdopen(fd, "w") as f:
             f.write(version + "\n")
             f.flush()
@@ -211,6 +212,9 @@ class Registry:
             version = f"v{n:04d}"
             versioned = replace(det, info=replace(det.info, version=version))
             tmp = Path(tempfile.mkdtemp(dir=d, prefix=f".tmp-{version}-"))
+            # mkdtemp makes the directory 0700 and the rename keeps that mode: a worker
+            # running as another user could not read the published version.
+            os.chmod(tmp, 0o755)
             try:
                 _write_version_dir(tmp, versioned, keras_model, extra_files or {})
                 try:

@@ -2,7 +2,7 @@
 
 The worker scores with this instead of Keras: it needs no TensorFlow import (2-3 s and
 ~500 MB saved at start-up) and avoids Keras ``predict``'s per-call input pipeline, which
-caps a streaming scorer at ~13k readings/s (GUIDE §6). ``tests/unit/test_network.py``
+caps a streaming scorer at ~13k readings/s (GUIDE §6). ``tests/unit/test_detector_network.py``
 checks it against the Keras model to 1e-5.
 """
 

@@ -94,7 +94,7 @@ def test_new_model_version_is_picked_up_without_restart_and_bad_one_refused(
 @pytest.fixture
 def private_broker(tmp_path: Path) -> tuple[dict[str, str], str]:
     """A second broker of our own (own port and data) that a test may stop and restart."""
-    port = 39192
+    port = int(os.environ.get("KAFKA_PORT", "39092")) + 100
     env = {
         **os.environ,
         "KAFKA_PORT": str(port),
