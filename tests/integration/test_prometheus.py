@@ -66,12 +66,15 @@ class _Traffic(threading.Thread):
         )
         it = stream(spec, readings_per_device=100_000, anomaly_fraction=0.05)
         chunk = int(self.rate / 4)
+        rounds = 0
         while not self.halt.is_set():
+            rounds += 1
             recs: list[tuple[bytes | None, bytes | None]] = []
             for _ in range(chunk):
                 r = next(it)
                 recs.append((r.key(), r.to_json()))
-            recs.append((b"bad", b"{not json"))
+            if rounds % 4 == 0:  # ~0.25 % malformed: visible, below the alert's 1 % floor
+                recs.append((b"bad", b"{not json"))
             self.broker.produce(self.topic, recs)
             time.sleep(0.25)
 

@@ -1,0 +1,501 @@
+"""Static checks of the deployment files: Prometheus config, rules and rule tests
+(with promtool), the Grafana dashboard and provisioning, docker-compose.yml and
+the Dockerfile.
+
+Only the promtool-based tests need Debian's `promtool`; they are skipped, with a
+reason, when it is not installed. Nothing here needs Docker, Grafana or network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from string import Template
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+PROM = DEPLOY / "prometheus"
+RULES = PROM / "rules"
+RULE_FILES = [RULES / "recording.yml", RULES / "alerts.yml"]
+RULE_TESTS = [PROM / "tests" / "alerts_test.yml", PROM / "tests" / "recording_test.yml"]
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sensor-anomaly.json"
+COMPOSE = REPO / "docker-compose.yml"
+
+JOB = "sensor-anomaly-worker"
+DATASOURCE_UID = "prometheus"
+
+EXPECTED_ALERTS = {
+    "SensorAnomalyWorkerDown",
+    "SensorAnomalyConsumerLagGrowing",
+    "SensorAnomalyAnomalyRateSpike",
+    "SensorAnomalyDeadLettersRising",
+    "SensorAnomalyNoData",
+    "SensorAnomalyModelStale",
+    "SensorAnomalyWorkerNotReady",
+}
+
+# The worker's metric contract; histograms also expose _bucket/_sum/_count.
+COUNTERS = {
+    "sensor_anomaly_readings_consumed_total",
+    "sensor_anomaly_readings_scored_total",
+    "sensor_anomaly_anomalies_total",
+    "sensor_anomaly_dead_letters_total",
+    "sensor_anomaly_batches_total",
+    "sensor_anomaly_kafka_errors_total",
+    "sensor_anomaly_rebalances_total",
+    "sensor_anomaly_model_reloads_total",
+}
+HISTOGRAMS = {
+    "sensor_anomaly_batch_size_readings",
+    "sensor_anomaly_scoring_duration_seconds",
+    "sensor_anomaly_end_to_end_latency_seconds",
+    "sensor_anomaly_score_ratio",
+}
+GAUGES = {
+    "sensor_anomaly_threshold",
+    "sensor_anomaly_model_info",
+    "sensor_anomaly_model_trained_timestamp_seconds",
+    "sensor_anomaly_consumer_lag_messages",
+    "sensor_anomaly_last_batch_timestamp_seconds",
+    "sensor_anomaly_ready",
+}
+KNOWN_METRICS = (
+    COUNTERS
+    | GAUGES
+    | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+)
+METRIC_TOKEN = re.compile(r"\bsensor_anomaly_[a-z0-9_]+\b")
+RECORDING_NAME = re.compile(r"^sensor_anomaly:[a-z0-9_]+:[a-z0-9_]+$")
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _rules() -> list[dict[str, Any]]:
+    return [rule for f in RULE_FILES for g in _load_yaml(f)["groups"] for rule in g["rules"]]
+
+
+def _alert_rules() -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for r in _rules() if "alert" in r}
+
+
+def _recording_rules() -> dict[str, dict[str, Any]]:
+    return {r["record"]: r for r in _rules() if "record" in r}
+
+
+def _dashboard_queries_module() -> ModuleType:
+    # Loaded by path: `tests` is not a package and a third-party `tests` may be installed.
+    path = REPO / "tests" / "support" / "dashboard_queries.py"
+    spec = importlib.util.spec_from_file_location("_dashboard_queries", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dashboard() -> dict[str, Any]:
+    data = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def _all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _all_panels(panel.get("panels") or [])
+
+
+def _compose() -> dict[str, Any]:
+    data = _load_yaml(COMPOSE)
+    assert isinstance(data, dict)
+    return data
+
+
+# ------------------------------------------------------------------ promtool
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`)")
+    return path
+
+
+def _run(cmd: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{result.args}\n{result.stdout}\n{result.stderr}"
+
+
+def test_promtool_check_config_compose(promtool: str) -> None:
+    # rule_files are relative to prometheus.yml, so the repo layout is checked as is
+    _assert_ok(_run([promtool, "check", "config", str(PROM / "prometheus.yml")]))
+
+
+def test_promtool_check_config_local_template(promtool: str, tmp_path: Path) -> None:
+    template = (PROM / "local.yml.tmpl").read_text(encoding="utf-8")
+    rendered = Template(template).substitute(WORKER_TARGET="127.0.0.1:9108", RULES_DIR=str(RULES))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(rendered, encoding="utf-8")
+    _assert_ok(_run([promtool, "check", "config", str(config)]))
+    data = yaml.safe_load(rendered)
+    assert data["global"]["scrape_interval"] == "1s"
+    jobs = {job["job_name"]: job for job in data["scrape_configs"]}
+    assert jobs[JOB]["static_configs"][0]["targets"] == ["127.0.0.1:9108"]
+
+
+def test_promtool_check_rules(promtool: str) -> None:
+    _assert_ok(_run([promtool, "check", "rules", *map(str, RULE_FILES)]))
+
+
+@pytest.mark.parametrize("test_file", RULE_TESTS, ids=lambda p: p.name)
+def test_promtool_test_rules(promtool: str, test_file: Path) -> None:
+    _assert_ok(_run([promtool, "test", "rules", str(test_file)]))
+
+
+def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    # promtool has no "check expr": wrap every query in a recording rule instead.
+    queries = _dashboard_queries_module().dashboard_queries(DASHBOARD)
+    rules = [
+        {"record": f"dashboard:query_{i}:check", "expr": q} for i, (_, q) in enumerate(queries)
+    ]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    _assert_ok(_run([promtool, "check", "rules", str(path)]))
+
+
+# -------------------------------------------------------- rules (structure)
+
+
+def test_prometheus_config_scrapes_both_workers() -> None:
+    config = _load_yaml(PROM / "prometheus.yml")
+    assert config["global"]["scrape_interval"] == "5s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for sc in jobs[JOB]["static_configs"] for t in sc["targets"]]
+    assert targets == ["worker-1:9108", "worker-2:9108"]
+    assert sorted(config["rule_files"]) == ["rules/alerts.yml", "rules/recording.yml"]
+
+
+def test_expected_alerts_are_defined_and_documented() -> None:
+    alerts = _alert_rules()
+    assert set(alerts) == EXPECTED_ALERTS
+    for name, rule in alerts.items():
+        assert rule.get("for"), f"{name}: needs a `for:` so it does not flap"
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
+        annotations = rule["annotations"]
+        assert annotations["summary"].strip(), name
+        assert "Runbook:" in annotations["description"], f"{name}: no runbook hint"
+
+
+def test_recording_rule_names() -> None:
+    names = list(_recording_rules())
+    assert len(names) == len(set(names))
+    for name in names:
+        assert RECORDING_NAME.match(name), name
+
+
+def test_rules_reference_only_contract_metrics() -> None:
+    recorded = set(_recording_rules())
+    for rule in _rules():
+        for token in METRIC_TOKEN.findall(rule["expr"]):
+            assert token in KNOWN_METRICS, f"unknown metric {token} in {rule}"
+        for token in re.findall(r"\bsensor_anomaly:[a-z0-9_:]+", rule["expr"]):
+            assert token in recorded, f"unknown recording rule {token}"
+
+
+def test_every_alert_has_firing_and_silent_cases() -> None:
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for group in _load_yaml(PROM / "tests" / "alerts_test.yml")["tests"]:
+        for case in group.get("alert_rule_test", []):
+            (firing if case.get("exp_alerts") else silent).add(case["alertname"])
+    assert firing >= EXPECTED_ALERTS, f"never seen firing: {EXPECTED_ALERTS - firing}"
+    assert silent >= EXPECTED_ALERTS, f"never seen silent: {EXPECTED_ALERTS - silent}"
+
+
+def test_every_recording_rule_is_tested() -> None:
+    tested = {
+        case["expr"].strip()
+        for group in _load_yaml(PROM / "tests" / "recording_test.yml")["tests"]
+        for case in group.get("promql_expr_test", [])
+    }
+    missing = set(_recording_rules()) - tested
+    assert not missing, f"recording rules without a promql_expr_test: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------ grafana
+
+
+def test_dashboard_structure() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] == "sensor-anomaly"
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    panels = list(_all_panels(dashboard["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    content = [p for p in panels if p["type"] != "row"]
+    assert {p["type"] for p in content} >= {"timeseries", "stat", "heatmap"}
+    for panel in content:
+        title = panel.get("title")
+        assert title, f"panel {panel['id']} has no title"
+        assert panel.get("description"), f"{title}: no description"
+        assert panel["datasource"]["uid"] == DATASOURCE_UID, title
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, title
+        targets = panel.get("targets") or []
+        assert targets, f"{title}: no targets"
+        for target in targets:
+            assert target.get("expr", "").strip(), f"{title}: empty expr"
+            assert target["datasource"]["uid"] == DATASOURCE_UID, title
+        ref_ids = [t["refId"] for t in targets]
+        assert len(ref_ids) == len(set(ref_ids)), title
+
+
+def test_dashboard_covers_the_essentials() -> None:
+    exprs = "\n".join(
+        t["expr"] for p in _all_panels(_dashboard()["panels"]) for t in p.get("targets", [])
+    )
+    for metric in [
+        "sensor_anomaly_readings_consumed_total",
+        "sensor_anomaly_readings_scored_total",
+        "sensor_anomaly_anomalies_total",
+        "sensor_anomaly_score_ratio_bucket",
+        "sensor_anomaly_end_to_end_latency_seconds_bucket",
+        "sensor_anomaly_scoring_duration_seconds_bucket",
+        "sensor_anomaly_consumer_lag_messages",
+        "sensor_anomaly_dead_letters_total",
+        "sensor_anomaly_model_info",
+        "sensor_anomaly_model_trained_timestamp_seconds",
+        "sensor_anomaly_ready",
+        "up{",
+    ]:
+        assert metric in exprs, f"dashboard never queries {metric}"
+    for token in METRIC_TOKEN.findall(exprs):
+        assert token in KNOWN_METRICS, f"dashboard queries unknown metric {token}"
+    heatmaps = [p for p in _all_panels(_dashboard()["panels"]) if p["type"] == "heatmap"]
+    assert any(t.get("format") == "heatmap" for p in heatmaps for t in p["targets"])
+
+
+def test_dashboard_rates_use_rate_interval() -> None:
+    for panel in _all_panels(_dashboard()["panels"]):
+        for target in panel.get("targets", []):
+            for window in re.findall(r"\b(?:rate|increase)\([^\[]*\[([^\]]+)\]", target["expr"]):
+                assert window in {"$__rate_interval", "$__range"}, (panel["title"], window)
+
+
+def test_dashboard_queries_helper() -> None:
+    queries = _dashboard_queries_module().dashboard_queries(DASHBOARD)
+    n_targets = sum(len(p.get("targets", [])) for p in _all_panels(_dashboard()["panels"]))
+    assert len(queries) == n_targets
+    for title, query in queries:
+        assert title
+        assert "$" not in query and "[[" not in query, (title, query)
+    all_queries = "\n".join(q for _, q in queries)
+    assert "[30s]" in all_queries
+    assert f'job=~"{JOB}"' in all_queries
+    assert 'instance=~".+"' in all_queries
+
+
+def test_dashboard_queries_substitution_and_rows(tmp_path: Path) -> None:
+    module = _dashboard_queries_module()
+    nested_expr = 'rate(x{job="$job",i=~"${inst}",dc=~"[[dc]]"}[$__rate_interval])'
+    dashboard: dict[str, Any] = {
+        "templating": {
+            "list": [
+                {"name": "job", "type": "query", "current": {"value": "svc"}},
+                {
+                    "name": "inst",
+                    "type": "query",
+                    "includeAll": True,
+                    "current": {"value": ["$__all"]},
+                },
+                {"name": "dc", "type": "custom", "current": {"value": ["a", "b"]}},
+                {"name": "ds", "type": "datasource", "current": {"value": "x"}},
+            ]
+        },
+        "panels": [
+            {
+                "type": "row",
+                "title": "collapsed",
+                "collapsed": True,
+                "panels": [
+                    {
+                        "title": "nested",
+                        "targets": [{"expr": nested_expr}],
+                    },
+                ],
+            },
+            {
+                "title": "top",
+                "targets": [{"expr": "increase(y[$__range]) / $__interval_ms"}, {"expr": ""}],
+            },
+        ],
+    }
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(dashboard))
+    assert module.dashboard_queries(path) == [
+        ("nested", 'rate(x{job="svc",i=~".+",dc=~"(a|b)"}[30s])'),
+        ("top", "increase(y[5m]) / 15000"),
+    ]
+    dashboard["panels"] = [{"title": "bad", "targets": [{"expr": 'up{x="$nope"}'}]}]
+    path.write_text(json.dumps(dashboard))
+    with pytest.raises(KeyError):
+        module.dashboard_queries(path)
+
+
+def test_grafana_provisioning() -> None:
+    datasources = _load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
+    (ds,) = datasources["datasources"]
+    assert ds["uid"] == DATASOURCE_UID
+    assert ds["type"] == "prometheus"
+    assert ds["url"] == "http://prometheus:9090"
+    providers = _load_yaml(DEPLOY / "grafana/provisioning/dashboards/dashboards.yml")
+    (provider,) = providers["providers"]
+    grafana = _compose()["services"]["grafana"]
+    targets = {v.split(":")[1] for v in grafana["volumes"]}
+    assert provider["options"]["path"] in targets, "dashboards path is not mounted"
+
+
+# ------------------------------------------------------------------- compose
+
+
+def _uid(user: str) -> str:
+    return str(user).split(":")[0]
+
+
+def test_compose_services() -> None:
+    services = _compose()["services"]
+    expected = {
+        "kafka",
+        "kafka-init",
+        "simulator",
+        "trainer",
+        "worker-1",
+        "worker-2",
+        "prometheus",
+        "grafana",
+    }
+    assert expected <= set(services)
+    assert services["kafka"]["image"] == "apache/kafka:4.1.0"
+    assert services["trainer"]["restart"] == "no"
+    for name in ("worker-1", "worker-2"):
+        worker = services[name]
+        assert worker["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+        assert worker["environment"]["SENSOR_ANOMALY_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+        volumes = worker["volumes"]
+        assert "models:/models:ro" in volumes
+        assert "./deploy/config/worker.yaml:/etc/sensor-anomaly/worker.yaml:ro" in volumes
+    assert "models:/models" in services["trainer"]["volumes"]
+    init_script = " ".join(services["kafka-init"]["command"])
+    for topic, partitions in [
+        ("sensor-readings", 4),
+        ("sensor-anomalies", None),
+        ("sensor-readings-dlq", None),
+    ]:
+        assert f"--topic {topic} " in init_script
+        if partitions:
+            assert f"--topic {topic} --partitions {partitions}" in init_script
+    simulator = " ".join(services["simulator"]["command"])
+    assert "--rate 200" in simulator and "--bootstrap kafka:9092" in simulator
+    # runs until stopped: anomaly-simulate rejects --duration 0, and any limit would end it
+    assert "--duration" not in simulator and "--per-device" not in simulator
+    prometheus_mounts = services["prometheus"]["volumes"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus_mounts
+
+
+def test_compose_runs_nothing_as_root() -> None:
+    for name, service in _compose()["services"].items():
+        user = service.get("user")
+        assert user is not None, f"{name}: set an explicit non-root user"
+        assert _uid(user) not in {"0", "root"}, f"{name}: runs as root"
+    for name in ("worker-1", "worker-2", "trainer", "simulator"):
+        assert _uid(_compose()["services"][name]["user"]) == "10001"
+
+
+def test_compose_bind_mounts_exist_and_volumes_declared() -> None:
+    compose = _compose()
+    declared = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (REPO / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in declared, f"{name}: named volume {source} not declared"
+        build = service.get("build")
+        if build:
+            assert (REPO / build["context"] / build["dockerfile"]).is_file()
+
+
+def _console_script(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"{name} not installed in this environment (pip install -e .)")
+    return str(path)
+
+
+def _dockerfile_json(instruction: str) -> list[str]:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    found = re.findall(rf"^{instruction}\s.*?(\[.*\])\s*$", text, re.M)
+    assert found, instruction
+    value = json.loads(found[-1])
+    assert isinstance(value, list)
+    return [str(v) for v in value]
+
+
+def test_commands_parse_with_the_real_clis() -> None:
+    # Appending --help makes argparse validate every option before it, without running.
+    services = _compose()["services"]
+    # The trainer runs a shell line: "anomaly-simulate ... && anomaly-train ...".
+    trainer_steps = [shlex.split(step) for step in services["trainer"]["command"][0].split("&&")]
+    commands = [
+        services["simulator"]["command"],
+        *trainer_steps,
+        _dockerfile_json("CMD"),
+        _dockerfile_json("HEALTHCHECK"),
+    ]
+    for command in commands:
+        result = _run([_console_script(command[0]), *command[1:], "--help"])
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+
+
+def test_dockerfile() -> None:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^FROM python:3\.11-slim|^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
+    assert "pip install" in text
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] == "10001"
+    assert re.search(r"^HEALTHCHECK .*\n?.*anomaly-healthcheck", text, re.M)
+    cmd = re.findall(r"^CMD\s+(.+)$", text, re.M)
+    assert cmd and json.loads(cmd[-1]) == [
+        "anomaly-worker",
+        "--config",
+        "/etc/sensor-anomaly/worker.yaml",
+    ]
+    # the files the image copies must exist (wildcards may match nothing)
+    for source in re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+$", text, re.M):
+        for item in source.split():
+            assert "*" in item or (REPO / item).exists(), item
+
+
+def test_compose_trainer_config_is_valid() -> None:
+    from trainer.config import load_config
+
+    cfg = load_config(REPO / "deploy/config/trainer.yaml")
+    assert cfg.registry == "/models" and cfg.name == "sensors"
