@@ -116,6 +116,21 @@ def main() -> int:
         ]
     )
 
+    run(
+        [
+            str(BIN / "anomaly-simulate"),
+            "jsonl",
+            str(OUT / "eval.jsonl"),
+            "--per-device",
+            "500",
+            "--anomaly-fraction",
+            "0.05",
+            "--truth",
+            str(OUT / "eval-truth.jsonl"),
+            *fleet,
+        ]
+    )
+
     step("Training the autoencoder (threshold = mean + 2·std of held-out normal error)")
     t0 = time.monotonic()
     run(
@@ -129,6 +144,12 @@ def main() -> int:
             str(OUT / "registry"),
             "--set",
             f"report.dir={OUT / 'report'}",
+            "--set",
+            "name=sensors",
+            "--set",
+            f"evaluate.path={OUT / 'eval.jsonl'}",
+            "--set",
+            f"evaluate.truth={OUT / 'eval-truth.jsonl'}",
         ]
     )
     print(f"trained in {time.monotonic() - t0:.1f}s; report: {OUT / 'report'}")
@@ -202,8 +223,11 @@ def main() -> int:
                 "0.02",
                 "--truth",
                 str(OUT / "truth.jsonl"),
+                # Event time keeps pace with wall time: a device reads every devices/rate s.
                 "--start-ms",
-                str(int(time.time() * 1000)),
+                "now",
+                "--period-ms",
+                str(max(1, int(1000 * args.devices / args.rate))),
                 *fleet,
             ],
             cwd=REPO,
