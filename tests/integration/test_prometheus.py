@@ -13,7 +13,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,9 +78,10 @@ class _Traffic(threading.Thread):
             time.sleep(0.25)
 
 
-@pytest.fixture
-def scraped_worker(broker: Broker, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def scraped_worker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Yields the base URL of a Prometheus that has scraped a busy worker for a while."""
+    tmp_path = tmp_path_factory.mktemp("prometheus")
     spec = FleetSpec(devices=8, sensors=16, seed=11)
     registry = tmp_path / "registry"
     save_linear_detector(registry, normal_matrix(spec, 20_000), feature_names(spec), code=4)
