@@ -37,13 +37,12 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a plain script from a checkout, like the CLI would
+from trainer.config import apply_overrides, from_mapping
+from trainer.data import read_csv, select
+from trainer.evaluate import confusion, rates
+from trainer.pipeline import train
 
-from trainer.config import apply_overrides, from_mapping  # noqa: E402
-from trainer.data import read_csv, select  # noqa: E402
-from trainer.evaluate import confusion, rates  # noqa: E402
-from trainer.pipeline import train  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_ROWS = 400
 EXPERIMENTS = (

@@ -127,14 +127,21 @@ def plot_errors(
     if log_x:
         lo = max(float(every[every > 0].min()), 1e-12)
         bins: Any = np.geomspace(lo, float(every.max()) * 1.01, 70)
+        hidden = 0
     else:
-        bins = np.linspace(0.0, float(every.max()) * 1.01, 70)
+        # A few far outliers would squash everything into the first bins: show up to the
+        # 99.5th percentile (and the threshold), and say how many readings lie beyond.
+        top = max(float(np.percentile(every, 99.5)), threshold) * 1.15
+        top = float(every.max()) * 1.01 if every.max() <= top * 1.5 else top
+        hidden = int(sum(int(np.sum(v > top)) for _, v, _ in groups))
+        bins = np.linspace(0.0, top, 70)
     fig = _figure()
     ax = fig.add_subplot()
     for name, v, color in groups:
         # The holdout is drawn as an outline so the evaluation's normal bars cannot hide it.
         style = {"histtype": "step", "lw": 1.5} if color == _HOLDOUT else {"alpha": 0.5}
-        ax.hist(np.clip(v, bins[0], None), bins=bins, color=color, label=name, **style)
+        shown = np.clip(v, bins[0], None)
+        ax.hist(shown[shown <= bins[-1]], bins=bins, color=color, label=name, **style)
     ax.axvline(threshold, color="k", ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
     if log_x:
         ax.set_xscale("log")
@@ -144,7 +151,10 @@ def plot_errors(
         "reconstruction error per reading (MSE, scaled units)" + (", log" if log_x else "")
     )
     ax.set_ylabel("readings" + (" (log)" if len(groups) > 1 else ""))
-    ax.set_title("Reconstruction error")
+    ax.set_title(
+        "Reconstruction error"
+        + (f" ({hidden} readings beyond the axis not shown)" if hidden else "")
+    )
     ax.legend()
     return _png(fig)
 
@@ -238,6 +248,11 @@ def plot_pr(evaluation: dict[str, Any], threshold: float) -> bytes:
     right.axvline(threshold, color="k", ls="--", lw=1, label="chosen threshold")
     if thr.size and thr.min() > 0 and _skewed(thr):
         right.set_xscale("log")
+    elif thr.size:
+        # As in the histogram: a far outlier must not squash the interesting range.
+        top = max(float(np.percentile(thr, 99.5)), threshold) * 1.15
+        if thr.max() > top * 1.5:
+            right.set_xlim(0.0, top)
     right.set_xlabel("threshold on reconstruction error")
     right.set_ylim(0, 1.02)
     right.set_title("Trade-off across thresholds")
@@ -256,7 +271,7 @@ def plot_feature_errors(names: Sequence[str], mean: F64, std: F64, top: int = 40
     xerr = np.vstack([np.zeros(len(order)), std[order]])
     ax.barh(y, mean[order], xerr=xerr, color=_NORMAL, alpha=0.8, ecolor="#555555")
     ax.set_yticks(y, [names[i] for i in order], fontsize=8)
-    ax.set_xlabel("squared error on holdout (scaled units), mean ± std")
+    ax.set_xlabel("squared error on holdout (scaled units), mean + std")
     ax.set_title("Per-feature reconstruction error" + (f" (top {top})" if len(names) > top else ""))
     ax.grid(True, axis="x", alpha=0.3)
     return _png(fig)

@@ -243,3 +243,30 @@ def test_row_slice_keeps_true_line_numbers(tmp_path: Path) -> None:
     assert table.n_rows == 6
     with pytest.raises(DataError, match="line 12"):
         select(table, ["s1"])
+
+
+def test_fast_and_careful_csv_paths_agree(tmp_path: Path) -> None:
+    # Plain files take numpy's C reader; a quote anywhere forces the csv-module path.
+    # Both must give the same table.
+    rng = np.random.default_rng(0)
+    rows = [
+        f"{1000 + i},pump-{i % 3},{a:.6g},{b:.6g},{i % 2}"
+        for i, (a, b) in enumerate(rng.normal(size=(300, 2)))
+    ]
+    plain = _write(
+        tmp_path, "plain.csv", "timestamp,device_id,s1,s2,label\r\n" + "\r\n".join(rows) + "\r\n"
+    )
+    quoted = _write(
+        tmp_path, "quoted.csv", 'timestamp,device_id,"s1",s2,label\r\n' + "\r\n".join(rows) + "\r\n"
+    )
+    fast, careful = read_csv(plain), read_csv(quoted)
+    assert isinstance(fast.cells["s1"], np.ndarray) and isinstance(careful.cells["s1"], list)
+    a, b = (
+        select(
+            t, None, timestamp_column="timestamp", device_column="device_id", label_column="label"
+        )
+        for t in (fast, careful)
+    )
+    assert a.feature_names == b.feature_names == ("s1", "s2")
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.labels, b.labels)  # type: ignore[arg-type]
+    assert list(fast.cells["device_id"]) == list(careful.cells["device_id"])
