@@ -7,6 +7,8 @@ Scoring is pure: arrays in, arrays out, no I/O. Higher score means more anomalou
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +165,48 @@ class Detector:
                     error_z=float(z[j]),
                 )
             )
+        return out
+
+    def contributions_many(
+        self,
+        x: npt.ArrayLike,
+        scores: Scores,
+        rows: Sequence[int],
+        top: int = 5,
+        min_share: float = 0.0,
+    ) -> list[list[Contribution]]:
+        """:meth:`contributions` of several rows of one batch, with whole-array steps.
+
+        Args:
+            x: the batch's raw values (n, features), NaN where imputed.
+            scores: the batch's :class:`Scores`.
+            rows: indices of the readings within the batch.
+
+        Returns one list per entry of ``rows``, equal to ``contributions(x[r], scores, r, top,
+        min_share)``.
+        """
+        if len(rows) == 0:
+            return []
+        idx = np.asarray(rows, dtype=np.intp)
+        fe = scores.feature_error[idx].astype(np.float64)
+        totals = fe.sum(axis=1).tolist()
+        order = np.argsort(-fe, axis=1)[:, :top].tolist()
+        expected = self.preprocessor.inverse_transform(scores.reconstruction[idx]).tolist()
+        raw = np.asarray(x, dtype=np.float64)[idx].tolist()
+        z = ((fe - self.feature_error_mean) / self._err_std_safe).tolist()  # type: ignore[attr-defined]
+        fel = fe.tolist()
+        names = self.feature_names
+        out: list[list[Contribution]] = []
+        for i, total in enumerate(totals):
+            found: list[Contribution] = []
+            out.append(found)
+            if not math.isfinite(total) or total <= 0:
+                continue
+            for j in order[i]:
+                share = fel[i][j] / total
+                if share < min_share:
+                    break
+                found.append(Contribution(names[j], share, raw[i][j], expected[i][j], z[i][j]))
         return out
 
     def column_index(self, name: str) -> int:

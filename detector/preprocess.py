@@ -61,7 +61,7 @@ class Preprocessor:
 
     def impute(self, x: FloatArray) -> npt.NDArray[np.float32]:
         """Return a float32 copy of ``x`` (rows, features) with NaN replaced by ``fill``."""
-        out = np.asarray(x, dtype=np.float32).copy()
+        out = np.array(x, dtype=np.float32)  # always a copy: the caller's array is untouched
         missing = np.isnan(out)
         if missing.any():
             out[missing] = np.broadcast_to(self._fill32, out.shape)[missing]  # type: ignore[attr-defined]

@@ -20,6 +20,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -33,6 +35,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Epoch-millisecond timestamps since 1973 have 12+ digits; smaller values are almost surely
 # seconds, which would otherwise be read as 1970 and silently skew latency and "since when".
 _MIN_PLAUSIBLE_MS = 100_000_000_000
+_VALUES = attrgetter("values")
+_astuple = msgspec.structs.astuple
 
 
 @dataclass(frozen=True)
@@ -92,25 +96,18 @@ class ReadingDecoder:
         self.features = tuple(feature_names)
         self.settings = s = settings
         self._now_ms = now_ms  # injectable clock for tests: () -> int
-        feats = [(f"f{i}", float | None, None) for i in range(len(self.features))]
-        rename = {f"f{i}": name for i, name in enumerate(self.features)}
-        head = [("device", str), ("ts", int | str)]
-        head_names = {"device": s.device_field, "ts": s.timestamp_field}
-        if s.values_field:
-            values_t = msgspec.defstruct("Values", feats, rename=rename)  # type: ignore[arg-type]
-            reading_t = msgspec.defstruct(
-                "Reading",
-                [*head, ("values", values_t)],
-                rename={**head_names, "values": s.values_field},
-            )
-        else:
-            reading_t = msgspec.defstruct(
-                "Reading",
-                [*head, *feats],
-                rename={**head_names, **rename},  # type: ignore[list-item]
-            )
         self._flat = not s.values_field
-        self._decoder = msgspec.json.Decoder(reading_t)
+        # The careful decoder: a feature may be null (imputed later); its error messages
+        # name the reason of a dead letter.
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+            _reading_type(self.features, s, float | None, None)
+        )
+        # The bulk decoder of the fast path: same contract, but a null feature fails, and a
+        # missing one reads as NaN, so every row is plain floats (np.fromiter-able). Anything
+        # it refuses is decoded again, record by record, by the careful decoder.
+        self._fast_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+            _reading_type(self.features, s, float, float("nan"))
+        )
         self._good_ids: set[str] = set()
 
     def _now(self) -> int:
@@ -149,6 +146,9 @@ class ReadingDecoder:
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
         """Decode and validate a batch. Never raises for bad input: failures are returned."""
+        fast = self._decode_fast(values)
+        if fast is not None:
+            return fast
         s = self.settings
         failures: list[Failure] = []
         index: list[int] = []
@@ -213,6 +213,47 @@ class ReadingDecoder:
             rows.append(astuple(r)[2:] if flat else astuple(r.values))
         return self._finish(index, rows, devices, stamps, failures)
 
+    def _decode_fast(self, values: Sequence[bytes | None]) -> DecodedBatch | None:
+        """A batch in bulk when every record decodes and has a known-good device id and a
+        timestamp that fits int64; ``None`` sends the batch to the record-by-record path.
+
+        Same results as that path (it is what any refusal here falls back to); about twice
+        as fast, because the per-record work is a few C-level passes instead of a Python
+        loop with a branch per check.
+        """
+        if not values:
+            return None
+        try:
+            # None (tombstone) raises TypeError here; empty, oversize, malformed, null or
+            # mistyped values raise below: all of them go the careful way.
+            if max(map(len, values)) > self.settings.max_value_bytes:  # type: ignore[arg-type]
+                return None
+            recs: list[Any] = list(map(self._fast_decoder.decode, values))  # type: ignore[arg-type]
+        except Exception:  # every failure is re-examined record by record
+            return None
+        devices: list[str] = [r.device for r in recs]
+        good = self._good_ids
+        if not good.issuperset(devices):
+            for dev in set(devices).difference(good):
+                if self._check_device(dev) is not None:
+                    return None
+        stamps: list[Any] = [r.ts for r in recs]
+        if str in set(map(type, stamps)):  # RFC 3339 strings
+            for j, t in enumerate(stamps):
+                if isinstance(t, str):
+                    try:
+                        stamps[j] = self._timestamp_ms(t)
+                    except ValueError:
+                        return None
+        try:
+            ts = np.array(stamps, dtype=np.int64)
+        except OverflowError:
+            return None
+        n, n_f = len(recs), len(self.features)
+        rows = (_astuple(r)[2:] for r in recs) if self._flat else map(_astuple, map(_VALUES, recs))
+        x = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * n_f)
+        return self._validate(list(range(n)), x.reshape(n, n_f), devices, ts, [])
+
     def _finish(
         self,
         index: list[int],
@@ -221,12 +262,23 @@ class ReadingDecoder:
         stamps: list[int],
         failures: list[Failure],
     ) -> DecodedBatch:
-        s = self.settings
         n_f = len(self.features)
         x = np.array(rows, dtype=np.float64).reshape(len(rows), n_f)  # None -> NaN
         # Python ints can exceed int64 (a malformed timestamp): clip before the cast, the
         # range check below refuses them anyway.
         ts = np.array([min(max(t, -(2**62)), 2**62) for t in stamps], dtype=np.int64)
+        return self._validate(index, x, devices, ts, failures)
+
+    def _validate(
+        self,
+        index: list[int],
+        x: npt.NDArray[np.float64],
+        devices: list[str],
+        ts: npt.NDArray[np.int64],
+        failures: list[Failure],
+    ) -> DecodedBatch:
+        """Range checks that need the whole batch: timestamps and missing features."""
+        s = self.settings
         missing = np.isnan(x).sum(axis=1).astype(np.int64)
         now = self._now()
         keep = np.ones(len(index), dtype=bool)
@@ -273,6 +325,29 @@ class ReadingDecoder:
             missing=missing,
             failures=failures,
         )
+
+
+def _reading_type(
+    features: tuple[str, ...], s: ReadingSettings, feature_type: Any, default: Any
+) -> type:
+    """A msgspec Struct type of one reading, fields renamed to the configured JSON names.
+
+    ``gc=False``: the structs hold only str, int and float, so they cannot form reference
+    cycles, and untracked objects keep the garbage collector out of the decode loop.
+    """
+    feats = [(f"f{i}", feature_type, default) for i in range(len(features))]
+    rename = {f"f{i}": name for i, name in enumerate(features)}
+    head = [("device", str), ("ts", int | str)]
+    head_names = {"device": s.device_field, "ts": s.timestamp_field}
+    if s.values_field:
+        values_t = msgspec.defstruct("Values", feats, rename=rename, gc=False)
+        return msgspec.defstruct(
+            "Reading",
+            [*head, ("values", values_t)],
+            rename={**head_names, "values": s.values_field},
+            gc=False,
+        )
+    return msgspec.defstruct("Reading", [*head, *feats], rename={**head_names, **rename}, gc=False)
 
 
 def _ts_message(ts: int, now: int, s: ReadingSettings) -> str:

@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import attrgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,8 @@ from worker.decode import ReadingDecoder
 from worker.events import DeviceGroups, EpisodeTracker, build_dead_letter, build_event
 from worker.reasons import Reason, Stage
 from worker.records import InputRecord, OutputMessage
+
+_VALUE = attrgetter("value")
 
 
 @dataclass(eq=False)
@@ -76,7 +80,7 @@ class Scorer:
         det = self.detector
         info = det.info
         out = BatchResult()
-        batch = self.decoder.decode([r.value for r in records])
+        batch = self.decoder.decode(list(map(_VALUE, records)))
         for f in batch.failures:
             out.dead_letters.append(
                 build_dead_letter(
@@ -93,12 +97,41 @@ class Scorer:
             thr = det.threshold.value
             out.score_ratio = s[finite] / thr
             out.scored = int(finite.sum())
-            groups = [self.groups(d) for d in batch.device_ids]
-            out.scored_by_group.update(g for g, ok in zip(groups, finite, strict=True) if ok)
-            # Only non-finite and anomalous rows need per-row work; normal rows still update
-            # the device's anomaly run, which a dict pop makes cheap.
-            for j in range(len(batch.index)):
-                dev = batch.device_ids[j]
+            devices = batch.device_ids
+            # Group labels per distinct device (in first-seen order, as a per-row pass
+            # would register them), counts per device: no Python work per normal row.
+            per_device = Counter(devices)
+            group_of = self.groups.many(per_device)
+            if out.scored == len(devices):
+                for d, n in per_device.items():
+                    out.scored_by_group[group_of[d]] += n
+            else:
+                out.scored_by_group.update(group_of[d] for d in compress(devices, finite.tolist()))
+            # Rows that need per-row work: non-finite scores (dead letters), anomalous
+            # readings (events), and normal readings of devices with an open anomaly run
+            # (they end it). Any other normal row would only pop an absent key.
+            bad_rows = np.flatnonzero(~finite).tolist()
+            hot_rows = np.flatnonzero(anomalous).tolist()
+            rows = set(bad_rows).union(hot_rows)
+            watch = {devices[j] for j in hot_rows}
+            watch.update(self.episodes.devices())
+            if watch:
+                rows.update(compress(range(len(devices)), map(watch.__contains__, devices)))
+            contributors = dict(
+                zip(
+                    hot_rows,
+                    det.contributions_many(
+                        batch.x,
+                        scores,
+                        hot_rows,
+                        top=self.events_cfg.top_sensors,
+                        min_share=self.events_cfg.min_share,
+                    ),
+                    strict=True,
+                )
+            )
+            for j in sorted(rows):
+                dev = devices[j]
                 rec = records[batch.index[j]]
                 if not finite[j]:
                     out.dead_letters.append(
@@ -117,7 +150,7 @@ class Scorer:
                 run = self.episodes.update(dev, ts, bool(anomalous[j]))
                 if run is None:
                     continue
-                out.anomalies_by_group[groups[j]] += 1
+                out.anomalies_by_group[group_of[dev]] += 1
                 imputed = (
                     [det.feature_names[k] for k in np.flatnonzero(np.isnan(batch.x[j]))]
                     if batch.missing[j]
@@ -131,13 +164,7 @@ class Scorer:
                         detected_ms=now,
                         score=float(s[j]),
                         threshold=thr,
-                        contributors=det.contributions(
-                            batch.x[j],
-                            scores,
-                            j,
-                            top=self.events_cfg.top_sensors,
-                            min_share=self.events_cfg.min_share,
-                        ),
+                        contributors=contributors[j],
                         imputed=imputed,
                         since=run,
                         model_name=info.name,

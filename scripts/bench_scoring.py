@@ -1,0 +1,328 @@
+"""Benchmark 3 of ``make bench``: build the benchmark model, then time the scoring path alone.
+
+Run by ``scripts/bench.py`` twice, each time in a process of its own::
+
+    python scripts/bench_scoring.py build  --registry DIR --out FILE.json [--repeats 5]
+    python scripts/bench_scoring.py worker --registry DIR --out FILE.json [--repeats 5]
+
+``build`` fits a real Keras dense autoencoder, 38 → 32 → 16 → 8 → 16 → 32 → 38 (relu, sigmoid
+output, MinMaxScaler), briefly on the simulator's normal data, freezes it with
+``DenseNetwork.from_keras`` + ``Preprocessor.from_sklearn`` into a ``Detector``, checks the
+numpy forward pass against Keras ``predict``, saves it (with the Keras model) to the registry
+the worker runs load, and times the tutorial path: ``json.loads`` + scikit-learn
+``MinMaxScaler.transform`` + Keras ``model.predict`` + ``json.dumps`` of each event.
+
+``worker`` loads that artifact as the worker does, in a process without TensorFlow (as the
+worker's: a process holding TensorFlow's many Python objects pays for them in every garbage
+collection and measured up to 40 % slower), and times bytes in → event bytes out through
+``worker.pipeline.Scorer.process`` (msgspec decode + validation, numpy preprocessing and
+forward pass, events), and msgspec decoding alone for reference.
+
+Both at batch 64 and 1024, on one thread (numpy/BLAS and TensorFlow pinned to 1 thread, so
+"per core" means per core), as readings per CPU-second (median, min, max of ``--repeats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+SENSORS = 38
+DEVICES = 200
+ANOMALY_FRACTION = 0.01
+SEED = 11
+
+
+def say(msg: str) -> None:
+    print(f"    {msg}", file=sys.stderr, flush=True)
+
+
+def summary(xs: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def build_model(registry: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Fit and save the benchmark detector; returns (detector, keras model, scaler, info)."""
+    import keras
+    import tensorflow as tf
+    from sklearn.impute import SimpleImputer
+    from sklearn.preprocessing import MinMaxScaler
+
+    from detector import DenseNetwork, Detector, ModelInfo, Preprocessor, Registry, fit_threshold
+    from detector.artifact import fingerprint
+    from simulator.fleet import FleetSpec, feature_names, normal_matrix
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras.utils.set_random_seed(SEED)
+    spec = FleetSpec(devices=DEVICES, sensors=SENSORS, seed=SEED)
+    names = feature_names(spec)
+    x = normal_matrix(spec, 80_000)
+    x_fit, x_hold = x[:60_000], x[60_000:]
+    imp = SimpleImputer(strategy="mean").fit(x_fit)
+    scaler = MinMaxScaler().fit(imp.transform(x_fit))
+    pre = Preprocessor.from_sklearn(imp, scaler)
+    z = pre.transform(x_fit)
+    model = keras.Sequential(
+        [
+            keras.Input((SENSORS,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(SENSORS, activation="sigmoid"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")
+    t0 = time.perf_counter()
+    hist = model.fit(z, z, epochs=6, batch_size=256, verbose=0, validation_split=0.1)
+    fit_s = time.perf_counter() - t0
+    net = DenseNetwork.from_keras(model)
+    provisional = Detector(
+        feature_names=tuple(names),
+        preprocessor=pre,
+        network=net,
+        threshold=fit_threshold([1.0, 2.0]),
+        feature_error_mean=np.zeros(SENSORS),
+        feature_error_std=np.ones(SENSORS),
+        info=ModelInfo(name="sensors"),
+    )
+    hold = provisional.score(x_hold)
+    fe = hold.feature_error.astype(np.float64)
+    det = Detector(
+        feature_names=tuple(names),
+        preprocessor=pre,
+        network=net,
+        threshold=fit_threshold(hold.score, "mean_k_std", 3.0),
+        feature_error_mean=fe.mean(axis=0),
+        feature_error_std=fe.std(axis=0),
+        info=ModelInfo(
+            name="sensors",
+            trained_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            training_fingerprint=fingerprint(x_fit),
+        ),
+    )
+    # The numpy forward pass must match Keras (the worker never imports TensorFlow).
+    probe = pre.transform(x_hold[:2048])
+    keras_out = model.predict(probe, verbose=0, batch_size=2048)
+    diff = float(np.max(np.abs(keras_out - net.forward(probe))))
+    if diff > 1e-5:
+        raise SystemExit(f"numpy forward pass differs from Keras by {diff}")
+    path = Registry(registry).save(det, keras_model=model)
+    info = {
+        "architecture": "38 → 32 → 16 → 8 → 16 → 32 → 38 (relu, sigmoid output), MinMaxScaler",
+        "training_rows": len(x_fit),
+        "epochs": 6,
+        "fit_seconds": round(fit_s, 2),
+        "val_loss": float(hist.history["val_loss"][-1]),
+        "threshold": det.threshold.value,
+        "holdout_exceed_rate": float(np.mean(hold.score > det.threshold.value)),
+        "keras_vs_numpy_max_abs_diff": diff,
+        "artifact": str(path),
+    }
+    return det, model, scaler, info
+
+
+def stream_start_ms(n_per_device: int) -> int:
+    """A recent start time on a 7-hour grid: every periodic part of the simulated signal
+    (periods 150, 420, 900, 3600 s) starts at the same phase, so every run scores the same
+    readings (the same events) while the worker still accepts their timestamps."""
+    grid = 7 * 3_600_000
+    return (int(time.time() * 1000) - (n_per_device + 600) * 1000) // grid * grid
+
+
+def readings(n_per_device: int) -> tuple[list[bytes], list[bytes]]:
+    """Keys and JSON values of a simulated stream (1 % injected anomalies)."""
+    from simulator.fleet import FleetSpec, stream
+
+    start = stream_start_ms(n_per_device)
+    spec = FleetSpec(devices=DEVICES, sensors=SENSORS, seed=SEED, start_ms=start)
+    rs = list(stream(spec, n_per_device, anomaly_fraction=ANOMALY_FRACTION))
+    return [r.key() for r in rs], [r.to_json() for r in rs]
+
+
+def timed(
+    step: Callable[[list[Any]], int], batches: list[list[Any]], min_seconds: float
+) -> tuple[float, float, int, int]:
+    """Run ``step`` over ``batches`` (cycling) for at least ``min_seconds`` of CPU time.
+
+    Returns (readings per CPU-second, readings per wall-second, readings, outputs).
+    """
+    n = out = 0
+    c0, w0 = time.process_time(), time.perf_counter()
+    i = 0
+    while True:
+        b = batches[i % len(batches)]
+        out += step(b)
+        n += len(b)
+        i += 1
+        cpu = time.process_time() - c0
+        if cpu >= min_seconds and i >= 3:
+            break
+    wall = time.perf_counter() - w0
+    return n / cpu, n / wall, n, out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["build", "worker"])
+    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=1.0, help="CPU seconds per repeat")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    with threadpool_limits(1):
+        if args.mode == "build":
+            det, model, scaler, model_info = build_model(args.registry)
+            say(
+                f"model fitted in {model_info['fit_seconds']:.1f} s, saved "
+                f"{model_info['artifact']} (Keras vs numpy max |diff| "
+                f"{model_info['keras_vs_numpy_max_abs_diff']:.1e})"
+            )
+            result: dict[str, Any] = {"model": model_info}
+            if args.repeats > 0:
+                result |= tutorial_paths(det, model, scaler, args.repeats, args.seconds)
+        else:
+            from detector import Registry, load
+
+            reg = Registry(args.registry)
+            det = load(reg.current_path("sensors"))
+            result = worker_paths(det, args.repeats, args.seconds)
+            result["blas"] = [
+                {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                for i in threadpool_info()
+            ]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _records() -> tuple[list[Any], list[bytes]]:
+    from worker.records import SimpleRecord
+
+    keys, values = readings(320)  # 64,000 distinct readings, ~48 MB of JSON
+    records = [
+        SimpleRecord("sensor-readings", 0, i, k, v, [])
+        for i, (k, v) in enumerate(zip(keys, values, strict=True))
+    ]
+    return records, values
+
+
+def worker_paths(det: Any, repeats: int, seconds: float) -> dict[str, Any]:
+    import msgspec
+
+    from worker.config import EventSettings, ReadingSettings
+    from worker.decode import ReadingDecoder
+    from worker.pipeline import Scorer
+
+    records, values = _records()
+    out: dict[str, Any] = {
+        "readings": len(records),
+        "mean_reading_bytes": round(float(np.mean([len(v) for v in values])), 1),
+    }
+
+    def fast_path(batch_size: int) -> dict[str, Any]:
+        scorer = Scorer(det, ReadingSettings(), EventSettings())
+        batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+        dead = [0]
+
+        def step(b: list[Any]) -> int:
+            r = scorer.process(b)
+            dead[0] += len(r.dead_letters)
+            return len(r.events)
+
+        step(batches[0])  # warm caches
+        cpu, wall, outs = [], [], []
+        for _ in range(repeats):
+            c, w, n, o = timed(step, batches, seconds)
+            cpu.append(c)
+            wall.append(w)
+            outs.append(o / n)
+        return {
+            "per_cpu_second": summary(cpu),
+            "per_wall_second": summary(wall),
+            "event_fraction": statistics.median(outs),
+            "dead_letters": dead[0],
+        }
+
+    def decode_only() -> dict[str, Any]:
+        dec = ReadingDecoder(list(det.feature_names), ReadingSettings())._decoder.decode
+        plain = msgspec.json.Decoder().decode
+        batches = [values[i : i + 1024] for i in range(0, len(values), 1024)]
+        typed = [timed(lambda b: len([dec(v) for v in b]), batches, seconds)[0] for _ in range(3)]
+        untyped = [
+            timed(lambda b: len([plain(v) for v in b]), batches, seconds)[0] for _ in range(3)
+        ]
+        return {"msgspec_typed": summary(typed), "msgspec_untyped": summary(untyped)}
+
+    for b in (64, 1024):
+        say(f"worker scoring path, batch {b} ...")
+        out[f"worker_batch_{b}"] = r = fast_path(b)
+        say(f"  {r['per_cpu_second']['median']:,.0f} readings/s per core")
+    say("msgspec decode alone (reference) ...")
+    out["decode_only_batch_1024"] = decode_only()
+    return out
+
+
+def tutorial_paths(
+    det: Any, model: Any, scaler: Any, repeats: int, seconds: float
+) -> dict[str, Any]:
+    _, values = _records()
+    names = list(det.feature_names)
+    thr = det.threshold.value
+    out: dict[str, Any] = {}
+
+    def tutorial_path(batch_size: int) -> dict[str, Any]:
+        batches = [values[i : i + batch_size] for i in range(0, len(values), batch_size)]
+
+        def step(b: list[bytes]) -> int:
+            docs = [json.loads(v) for v in b]
+            x = np.array([[d["values"][f] for f in names] for d in docs], dtype=np.float32)
+            z = scaler.transform(x)
+            recon = model.predict(z, verbose=0)
+            err = np.mean((z - recon) ** 2, axis=1)
+            events = [
+                json.dumps(
+                    {"device_id": d["device_id"], "timestamp": d["timestamp"], "score": float(e)}
+                ).encode()
+                for d, e in zip(docs, err, strict=True)
+                if e > thr
+            ]
+            return len(events)
+
+        step(batches[0])  # builds Keras' predict function once
+        cpu, wall, outs = [], [], []
+        for _ in range(max(2, repeats // 2)):
+            c, w, n, o = timed(step, batches, seconds)
+            cpu.append(c)
+            wall.append(w)
+            outs.append(o / n)
+        return {
+            "per_cpu_second": summary(cpu),
+            "per_wall_second": summary(wall),
+            "event_fraction": statistics.median(outs),
+        }
+
+    for b in (64, 1024):
+        say(f"tutorial path (json + sklearn + Keras predict), batch {b} ...")
+        out[f"tutorial_batch_{b}"] = r = tutorial_path(b)
+        say(f"  {r['per_cpu_second']['median']:,.0f} readings/s per core")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
