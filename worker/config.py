@@ -44,6 +44,10 @@ class KafkaSettings:
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str = "sensor-anomaly"
     transaction_timeout_ms: int = 30000
+    # Offsets (and, exactly-once, transactions) are committed at most this often; outputs
+    # are sent as each batch is scored. Longer amortises the commit round trip; with
+    # exactly-once it is also how long events stay invisible to read_committed readers.
+    commit_interval_ms: int = 100
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
@@ -63,6 +67,9 @@ class KafkaSettings:
     ssl_keyfile: str = ""
     ssl_password: str = ""
     ssl_check_hostname: bool = True
+    # kafka-python backs off reconnects exponentially up to 30 s by default, which can keep
+    # a worker idle long after the broker is back; Java clients use 1 s.
+    reconnect_backoff_max_ms: int = 1000
     # Give up (exit non-zero, so an orchestrator restarts us) after the broker has been
     # unreachable this long.
     outage_give_up_s: float = 300.0
@@ -157,6 +164,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.reload_interval_s": (0.1, 86_400),
     "kafka.outage_give_up_s": (1, 86_400 * 7),
     "kafka.transaction_timeout_ms": (1000, 900_000),
+    "kafka.commit_interval_ms": (0, 60_000),
+    "kafka.reconnect_backoff_max_ms": (50, 60_000),
 }
 
 

@@ -1,30 +1,38 @@
 """The Kafka adapter: poll → batch → score → publish → commit, with the delivery contract.
 
-Commit contract of :meth:`Worker._deliver` (the order is what makes delivery safe):
+Delivery contract (``_deliver_pending`` runs steps 1-2 per batch; ``_commit`` runs 3-5 for
+every batch scored since the last commit, at most every ``kafka.commit_interval_ms``, and
+always before a rebalance, a model switch and a shutdown):
 
 At least once (default):
     1. score the batch (pure; bad records become dead letters, never exceptions);
-    2. send every event and dead letter of the batch to the producer;
-    3. flush the producer and check every send was acknowledged (``acks=all``,
-       idempotent producer); if any failed, nothing is committed and the whole batch is
-       sent again after a back-off (duplicates carry the same ``event_id``);
-    4. commit each partition's offset (last offset + 1) synchronously;
-    5. only then update metrics and health.
-    A crash anywhere before 4 replays the batch after restart; nothing is skipped.
+    2. send every event and dead letter of the batch to the producer (asynchronously);
+    3. flush the producer and check every send since the last commit was acknowledged
+       (``acks=all``, idempotent producer); if any failed, nothing is committed and all
+       those outputs are sent again after a back-off (duplicates carry the same
+       ``event_id``);
+    4. commit each partition's offset (one past its last scored record) synchronously;
+    5. only then update metrics.
+    A crash anywhere before 4 replays the uncommitted batches after restart; nothing is
+    skipped.
 
 Exactly once (``kafka.delivery = exactly_once``):
     1. score the batch;
-    2. begin a transaction, send events and dead letters;
+    2. (begin a transaction if none is open) send events and dead letters in it;
     3. add the offsets to the transaction with the consumer's group metadata (KIP-447
        fencing of zombie instances);
-    4. commit the transaction; on an abortable error abort it, rewind the consumer to the
-       batch's first offsets and process it again; a fatal error (fenced) exits.
+    4. commit the transaction; on an abortable error abort it and send the same outputs
+       again in a new transaction (the scored batches are kept until committed); a fatal
+       error (fenced) exits;
+    5. only then update metrics.
     Readers of the output topics must use ``isolation.level=read_committed``.
 
-Rebalance: the pending batch is delivered and committed in ``on_partitions_revoked``
+If a commit fails because our partitions were reassigned, the uncommitted batches are
+dropped and the consumer rewinds to their first offsets: the new owner replays them.
+Rebalance: everything held is delivered and committed in ``on_partitions_revoked``
 before the partitions move, so a rebalance loses nothing and duplicates nothing.
-Shutdown: after a stop request the current batch is finished, delivered, committed, and
-the clients closed.
+Shutdown: after a stop request the open batch is scored, delivered and committed, and the
+clients closed.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,7 +56,7 @@ from worker.health import HealthState
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource, trained_timestamp
 from worker.pipeline import BatchResult, Scorer
-from worker.records import InputRecord, OutputMessage
+from worker.records import OutputMessage
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,15 @@ _FATAL_PRODUCER_ERRORS = (
     "InvalidProducerEpochError",
     "TransactionalIdAuthorizationFailedError",
     "AuthorizationError",
+)
+_REASSIGNED_ERRORS = frozenset(
+    {
+        "CommitFailedError",
+        "IllegalGenerationError",
+        "UnknownMemberIdError",
+        "RebalanceInProgressError",
+        "FencedInstanceIdError",
+    }
 )
 # Leave room for headers and the record overhead under the producer's request limit.
 _DLQ_VALUE_MARGIN = 16_384
@@ -89,6 +106,7 @@ def build_consumer(cfg: WorkerConfig) -> KafkaConsumer:
         max_partition_fetch_bytes=k.max_partition_fetch_bytes,
         fetch_max_bytes=k.fetch_max_bytes,
         request_timeout_ms=max(k.request_timeout_ms, k.session_timeout_ms + 5000),
+        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
         **kafka_security_kwargs(k),
     )
 
@@ -108,6 +126,7 @@ def build_producer(cfg: WorkerConfig) -> KafkaProducer:
         enable_idempotence=True,
         linger_ms=k.linger_ms,
         request_timeout_ms=k.request_timeout_ms,
+        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
         **extra,
         **kafka_security_kwargs(k),
     )
@@ -115,8 +134,36 @@ def build_producer(cfg: WorkerConfig) -> KafkaProducer:
 
 @dataclass
 class _Pending:
-    records: list[Any]
-    started: float
+    """Records polled but not yet scored (the open batch)."""
+
+    records: list[Any] = field(default_factory=list)
+    started: float = 0.0
+    # Per partition: offset after the last record, and the first record's offset (rewind).
+    next_offset: dict[TopicPartition, int] = field(default_factory=dict)
+    first_offset: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Uncommitted:
+    """Scored batches whose outputs are sent but whose offsets are not yet committed."""
+
+    results: list[tuple[int, BatchResult]] = field(default_factory=list)  # (records, result)
+    futures: list[Any] = field(default_factory=list)
+    next_offset: dict[TopicPartition, int] = field(default_factory=dict)
+    first_offset: dict[TopicPartition, int] = field(default_factory=dict)
+    started: float = 0.0
+    in_transaction: bool = False
+
+    def add(self, pending: _Pending, n: int, result: BatchResult) -> None:
+        if not self.results:
+            self.started = time.monotonic()
+        self.results.append((n, result))
+        self.next_offset.update(pending.next_offset)
+        for tp, off in pending.first_offset.items():
+            self.first_offset.setdefault(tp, off)
+
+    def offsets(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.next_offset.items()}
 
 
 class Worker:
@@ -141,7 +188,8 @@ class Worker:
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.scorer: Scorer | None = None
-        self._pending = _Pending([], 0.0)
+        self._pending = _Pending()
+        self._unc = _Uncommitted()
         self._eos = cfg.kafka.delivery == "exactly_once"
         self._outage_since: float | None = None
         self.batches_done = 0
@@ -197,9 +245,8 @@ class Worker:
                 if now >= next_housekeeping:
                     self._housekeeping()
                     next_housekeeping = now + min(5.0, self.cfg.model.reload_interval_s)
-            # Stop requested: finish what we hold (step 5 of a clean shutdown).
-            if self._pending.records:
-                self._deliver_pending()
+            # Stop requested: finish what we hold, deliver and commit it.
+            self._flush_all()
         finally:
             self.close()
 
@@ -225,9 +272,12 @@ class Worker:
         assert self.consumer is not None
         b = self.cfg.batch
         pending = self._pending
+        now = time.monotonic()
         if pending.records:
-            waited_ms = (time.monotonic() - pending.started) * 1000
-            timeout_ms = max(0, int(b.max_wait_ms - waited_ms))
+            timeout_ms = max(0, int(b.max_wait_ms - (now - pending.started) * 1000))
+        elif self._unc.results:
+            left = self.cfg.kafka.commit_interval_ms - (now - self._unc.started) * 1000
+            timeout_ms = max(0, int(left))
         else:
             timeout_ms = 200  # idle: wake up regularly for stop requests and housekeeping
         try:
@@ -243,74 +293,97 @@ class Worker:
             if not pending.records:
                 pending.started = time.monotonic()
             pending.records.extend(recs)
+            pending.next_offset[tp] = recs[-1].offset + 1
+            pending.first_offset.setdefault(tp, recs[0].offset)
             self.metrics.on_consumed(tp.topic, len(recs))
+        now = time.monotonic()
         if pending.records and (
-            len(pending.records) >= b.max_size
-            or (time.monotonic() - pending.started) * 1000 >= b.max_wait_ms
+            len(pending.records) >= b.max_size or (now - pending.started) * 1000 >= b.max_wait_ms
         ):
             self._deliver_pending()
+        if self._unc.results and (
+            (time.monotonic() - self._unc.started) * 1000 >= self.cfg.kafka.commit_interval_ms
+        ):
+            self._commit()
+
+    def _flush_all(self) -> None:
+        """Deliver the open batch and commit everything (stop, revoke, model switch)."""
+        self._deliver_pending()
+        if self._unc.results:
+            self._commit()
 
     def _deliver_pending(self) -> None:
-        records, self._pending = self._pending.records, _Pending([], 0.0)
-        if records:
-            self._deliver(records)
+        """Steps 1-2: score the open batch and send its outputs."""
+        pending, self._pending = self._pending, _Pending()
+        if not pending.records:
+            return
+        assert self.scorer is not None and self.producer is not None
+        result = self.scorer.process(pending.records)  # step 1
+        if self._eos and not self._unc.in_transaction:
+            self._begin()
+        self._unc.add(pending, len(pending.records), result)
+        try:
+            self._unc.futures += self._send_all(result)  # step 2
+        except KafkaError as e:
+            # A send can fail synchronously (buffer full, broker gone); _commit re-sends.
+            self._kafka_error("send", e)
 
-    def _deliver(self, records: Sequence[InputRecord]) -> None:
-        """Score, publish and commit one batch; see the module docstring for the contract."""
-        assert self.scorer is not None and self.consumer is not None
-        result = self.scorer.process(records)  # step 1
-        offsets = _next_offsets(records)
+    def _begin(self) -> None:
+        assert self.producer is not None
+        self.producer.begin_transaction()
+        self._unc.in_transaction = True
+
+    def _commit(self) -> None:
+        """Steps 3-5 for every uncommitted batch; see the module docstring."""
+        assert self.consumer is not None and self.producer is not None
+        unc = self._unc
         backoff = 0.1
         while True:
             try:
                 if self._eos:
-                    self._publish_transactional(result, offsets)  # steps 2-4 (EOS)
+                    if not unc.in_transaction:  # aborted after an error: send again
+                        self._begin()
+                        unc.futures = [f for _, r in unc.results for f in self._send_all(r)]
+                    self.producer.send_offsets_to_transaction(  # step 3 (EOS)
+                        unc.offsets(), self.consumer.group_metadata()
+                    )
+                    self.producer.commit_transaction()  # step 4 (EOS)
+                    unc.in_transaction = False
                 else:
-                    self._publish_and_wait(result)  # steps 2-3
-                    self.consumer.commit(offsets=offsets)  # step 4
+                    self._wait_acknowledged(unc.futures)  # step 3
+                    self.consumer.commit(offsets=unc.offsets())  # step 4
                 self._outage_over()
                 break
             except KafkaError as e:
                 name = type(e).__name__
                 if name in _FATAL_PRODUCER_ERRORS:
                     raise
-                self._kafka_error("deliver", e)
+                self._kafka_error("commit", e)
                 if self._eos:
                     self._abort_quietly()
-                if name in (
-                    "CommitFailedError",
-                    "IllegalGenerationError",
-                    "UnknownMemberIdError",
-                    "RebalanceInProgressError",
-                    "FencedInstanceIdError",
-                ):
+                    unc.in_transaction = False
+                if name in _REASSIGNED_ERRORS:
                     # Our partitions moved: the new owner replays from the last commit.
                     log.warning("batch not committed, partitions were reassigned (%s)", name)
-                    self._rewind(records)
+                    self._rewind(unc.first_offset)
+                    self._unc = _Uncommitted()
                     return
                 self._check_give_up()
                 log.warning("delivery failed (%s: %s); retrying in %.1fs", name, e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        self._after_commit(records, result)  # step 5
+                if not self._eos:
+                    unc.futures = [f for _, r in unc.results for f in self._send_all(r)]
+        self._unc = _Uncommitted()
+        self._after_commit(unc)  # step 5
 
-    def _publish_and_wait(self, result: BatchResult) -> None:
+    def _wait_acknowledged(self, futures: list[Any]) -> None:
         assert self.producer is not None
-        futures = self._send_all(result)
         self.producer.flush(timeout=self.cfg.kafka.request_timeout_ms / 1000)
         failed = [f for f in futures if not f.is_done or f.failed()]
         if failed:
             first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
             raise DeliveryFailed(f"{len(failed)} of {len(futures)} outputs failed: {first}")
-
-    def _publish_transactional(
-        self, result: BatchResult, offsets: dict[TopicPartition, OffsetAndMetadata]
-    ) -> None:
-        assert self.producer is not None and self.consumer is not None
-        self.producer.begin_transaction()
-        self._send_all(result)
-        self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-        self.producer.commit_transaction()
 
     def _send_all(self, result: BatchResult) -> list[Any]:
         assert self.producer is not None
@@ -330,32 +403,29 @@ class Worker:
                 raise
             log.warning("abort_transaction failed: %s", e)
 
-    def _rewind(self, records: Sequence[InputRecord]) -> None:
-        """Seek still-owned partitions back to the first offset of an uncommitted batch."""
+    def _rewind(self, first: dict[TopicPartition, int]) -> None:
+        """Seek still-owned partitions back to the first uncommitted offset."""
         assert self.consumer is not None
         owned = self.consumer.assignment()
-        first: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            first[tp] = min(first.get(tp, r.offset), r.offset)
         for tp, off in first.items():
             if tp in owned:
                 self.consumer.seek(tp, off)
 
-    def _after_commit(self, records: Sequence[InputRecord], result: BatchResult) -> None:
+    def _after_commit(self, unc: _Uncommitted) -> None:
         now = time.time()
-        lat = now - np.asarray(result.reading_ts_ms, dtype=np.float64) / 1000.0
-        self.metrics.on_batch(
-            len(records),
-            result.scoring_seconds,
-            result.scored_by_group,
-            result.anomalies_by_group,
-            result.dead_by_reason,
-            result.score_ratio,
-        )
-        self.metrics.on_committed(now, lat)
-        self.batches_done += 1
-        self.readings_done += len(records)
+        for n, result in unc.results:
+            self.metrics.on_batch(
+                n,
+                result.scoring_seconds,
+                result.scored_by_group,
+                result.anomalies_by_group,
+                result.dead_by_reason,
+                result.score_ratio,
+            )
+            lat = now - np.asarray(result.reading_ts_ms, dtype=np.float64) / 1000.0
+            self.metrics.on_committed(now, lat)
+            self.batches_done += 1
+            self.readings_done += n
 
     # -- outages, housekeeping ---------------------------------------------------------------
 
@@ -420,17 +490,16 @@ class Worker:
             return
         if det is not None:
             # Deliver what the old model scored before switching (events name their model).
-            if self._pending.records:
-                self._deliver_pending()
+            self._flush_all()
             self.set_detector(det)
             self.metrics.model_reloads.labels(result="success").inc()
 
     # -- rebalance callbacks -----------------------------------------------------------------
 
     def on_revoked(self, revoked: list[TopicPartition]) -> None:
-        if self._pending.records:
-            log.info("partitions revoked; delivering the pending batch first")
-            self._deliver_pending()
+        if self._pending.records or self._unc.results:
+            log.info("partitions revoked; delivering and committing what we hold first")
+            self._flush_all()
         for tp in revoked:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
@@ -457,16 +526,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.on_assigned(assigned)
-
-
-def _next_offsets(records: Sequence[InputRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """Per partition, the offset to commit: one past the last record of the batch."""
-    last: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        if r.offset >= last.get(tp, -1):
-            last[tp] = r.offset
-    return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
 
 
 def _fit_dead_letter(m: OutputMessage) -> dict[str, Any]:
