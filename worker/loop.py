@@ -30,7 +30,8 @@ Exactly once (``kafka.delivery = exactly_once``):
 If a commit fails because our partitions were reassigned, the uncommitted batches are
 dropped and the consumer rewinds to their first offsets: the new owner replays them.
 Rebalance: everything held is delivered and committed in ``on_partitions_revoked``
-before the partitions move, so a rebalance loses nothing and duplicates nothing.
+(an async listener: kafka-python runs it on its I/O thread) before the partitions move,
+so a rebalance loses nothing and, when that commit succeeds, duplicates nothing.
 Shutdown: after a stop request the open batch is scored, delivered and committed, and the
 clients closed.
 """
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
@@ -289,6 +290,9 @@ class Worker:
             return
         if polled and self._outage_since is not None:
             self._outage_over()  # records arrived: the broker is back
+        # poll() may have run a rebalance that delivered the open batch and replaced it:
+        # add the new records to the batch that is open now.
+        pending = self._pending
         for tp, recs in polled.items():
             if not pending.records:
                 pending.started = time.monotonic()
@@ -496,13 +500,46 @@ class Worker:
 
     # -- rebalance callbacks -----------------------------------------------------------------
 
-    def on_revoked(self, revoked: list[TopicPartition]) -> None:
-        if self._pending.records or self._unc.results:
-            log.info("partitions revoked; delivering and committing what we hold first")
-            self._flush_all()
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Deliver and commit everything held before the partitions move.
+
+        kafka-python runs rebalance listeners on the consumer's I/O thread, where the
+        blocking ``commit()`` is refused; so this is a coroutine that awaits the offset
+        commit. Producer calls (flush, transaction commit) run on the producer's own
+        thread and may block here. One attempt only: retrying would stall the group's
+        rebalance; on failure the new owner replays from the last commit.
+        """
+        self._deliver_pending()
+        unc, self._unc = self._unc, _Uncommitted()
+        if unc.results:
+            log.info("partitions revoked; committing %d scored batch(es) first", len(unc.results))
+            try:
+                await self._commit_for_revoke(unc)
+            except KafkaError as e:
+                self._kafka_error("revoke commit", e)
+                if self._eos:
+                    self._abort_quietly()
+                log.warning(
+                    "could not commit before the rebalance (%s); the partitions' "
+                    "next owner replays from the last commit",
+                    type(e).__name__,
+                )
+            else:
+                self._after_commit(unc)
         for tp in revoked:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+
+    async def _commit_for_revoke(self, unc: _Uncommitted) -> None:
+        assert self.consumer is not None and self.producer is not None
+        if self._eos:
+            if not unc.in_transaction:
+                raise DeliveryFailed("transaction was aborted before the rebalance")
+            self.producer.send_offsets_to_transaction(unc.offsets(), self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            return
+        self._wait_acknowledged(unc.futures)
+        await self.consumer.commit_async(offsets=unc.offsets())
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.consumer is not None
@@ -517,14 +554,14 @@ class Worker:
         )
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.worker.on_revoked(revoked)
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.on_revoked(revoked)
 
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.on_assigned(assigned)
 
 

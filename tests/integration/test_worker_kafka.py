@@ -361,3 +361,40 @@ def test_sigterm_finishes_batch_commits_and_exits_zero(
     truth = {(r.device_id, r.timestamp_ms) for r in done if r.anomaly}
     flagged = {(e["device_id"], e["reading_timestamp_ms"]) for e in events}
     assert truth <= flagged
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+def test_rebalance_mid_stream_commits_before_partitions_move(
+    broker: Broker, registry: Path, tmp_path: Path, delivery: str
+) -> None:
+    topics = _topics(broker, partitions=4)
+    group = broker.new_group()
+    readings = list(stream(_spec(10000), readings_per_device=10000, anomaly_fraction=0.02))
+    _produce(broker, topics["in"], readings)  # 80k readings
+    slow = {"max_size": 32, "max_wait_ms": 5}
+    w1 = WorkerProcess(
+        _config(tmp_path, broker, registry, topics, group, delivery, "w1", **slow),
+        tmp_path / "w1.log",
+    )
+    deadline = time.monotonic() + 60
+    while sum(v for v in broker.committed(group, topics["in"]).values() if v > 0) < 1000:
+        assert time.monotonic() < deadline and w1.alive(), w1.log()[-3000:]
+        time.sleep(0.05)
+    # A second member joins while w1 holds scored, uncommitted batches.
+    w2 = WorkerProcess(
+        _config(tmp_path, broker, registry, topics, group, delivery, "w2", **slow),
+        tmp_path / "w2.log",
+    )
+    try:
+        wait_until_committed(broker, group, topics["in"], [w1, w2], timeout=150)
+    finally:
+        rc1, rc2 = w1.terminate(), w2.terminate()
+    assert (rc1, rc2) == (0, 0), w1.log()[-3000:] + w2.log()[-3000:]
+    assert "partitions revoked; committing" in w1.log(), w1.log()[-3000:]
+    assert "rebalance callback throws" not in w1.log() + w2.log()
+    assert "could not commit before the rebalance" not in w1.log()
+    events = _events(broker, topics["out"])
+    _check_detection(events, readings, registry)
+    ids = [e["event_id"] for e in events]
+    # The revoke-time commit means the new owner starts exactly where w1 stopped.
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicate events"
