@@ -1045,7 +1045,8 @@ def render_markdown(r: dict[str, Any], rows: list[Row]) -> str:
         f"included); saturation topic {cfg['readings']:,} readings in {PARTITIONS} partitions, "
         f"{cfg['repeats']} interleaved repeats; latency runs {cfg['latency_seconds']:.0f} s "
         f"each, the first {WARMUP_S:.0f} s excluded. Worker settings are the defaults "
-        "(batch 1024 / 50 ms, fetch_max_wait 100 ms, linger 2 ms) unless marked low-latency "
+        "(batch 1024 / 10 ms, fetch_max_wait 10 ms, commit every 100 ms, linger 2 ms) "
+        "unless marked low-latency "
         "(`batch.max_wait_ms: 0`, `kafka.fetch_max_wait_ms: 10`).",
         "",
         render_table(rows, markdown=True),

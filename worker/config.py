@@ -52,7 +52,9 @@ class KafkaSettings:
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
     max_poll_interval_ms: int = 300000
-    fetch_max_wait_ms: int = 100
+    # How long the broker may hold a fetch waiting for data. With read_committed, fetches
+    # often wait it out in full, so it bounds latency (docs/benchmarks.md): keep it small.
+    fetch_max_wait_ms: int = 10
     max_partition_fetch_bytes: int = 1048576
     fetch_max_bytes: int = 52428800
     request_timeout_ms: int = 30000
@@ -108,7 +110,7 @@ class BatchSettings:
     """A batch closes at ``max_size`` readings or ``max_wait_ms`` after its first one."""
 
     max_size: int = 1024
-    max_wait_ms: int = 50
+    max_wait_ms: int = 10
 
 
 @dataclass(frozen=True)
