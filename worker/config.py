@@ -118,6 +118,10 @@ class EventSettings:
     """What an anomaly event says."""
 
     top_sensors: int = 5
+    # Publish only once a device has been anomalous for this many consecutive readings
+    # (events then start at the N-th, with anomaly_since = the first). 1 = every anomalous
+    # reading. Raise it to damp isolated false alarms; single-reading spikes then go unsaid.
+    min_consecutive: int = 1
     min_share: float = 0.02
     # Devices are grouped for metrics by the first capture group of this pattern (a
     # bounded label, never the raw id); ids that do not match go to "other".
@@ -158,6 +162,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "batch.max_wait_ms": (0, 60_000),
     "http.port": (0, 65535),
     "events.top_sensors": (1, 1000),
+    "events.min_consecutive": (1, 100_000),
     "events.min_share": (0.0, 1.0),
     "events.max_device_groups": (1, 10_000),
     "reading.max_imputed_features": (0, 100_000),

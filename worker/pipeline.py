@@ -151,6 +151,8 @@ class Scorer:
                 if run is None:
                     continue
                 out.anomalies_by_group[group_of[dev]] += 1
+                if run[1] < self.events_cfg.min_consecutive:
+                    continue  # debounced: counted as anomalous, not (yet) announced
                 imputed = (
                     [det.feature_names[k] for k in np.flatnonzero(np.isnan(batch.x[j]))]
                     if batch.missing[j]

@@ -343,3 +343,20 @@ def test_every_worker_setting_is_documented_in_the_readme() -> None:
 def test_example_configs_load() -> None:
     for path in (REPO / "examples/worker-local.yaml", REPO / "deploy/config/worker.yaml"):
         load_config(path, env={})
+
+
+def test_min_consecutive_debounces_isolated_alarms(det: Detector) -> None:
+    readings = [r for r in stream(_now_spec(12), readings_per_device=12) if r.anomaly is None]
+    dev = [r for r in readings if r.device_id == readings[0].device_id][:8]
+    recs = []
+    for i, r in enumerate(dev):
+        doc = json.loads(r.to_json())
+        if i in (1, 3, 4, 5, 6):  # one isolated anomalous reading, then a run of four
+            doc["values"]["sensor_05"] += 40 * float(det.preprocessor.scale[5])
+        recs.append(_rec(i, json.dumps(doc).encode()))
+    res = Scorer(det, ReadingSettings(), EventSettings(min_consecutive=3)).process(recs)
+    events = [json.loads(m.value or b"") for m in res.events]
+    assert [e["source"]["offset"] for e in events] == [5, 6]
+    assert {e["anomaly_since_ms"] for e in events} == {dev[3].timestamp_ms}
+    assert [e["consecutive_anomalies"] for e in events] == [3, 4]
+    assert sum(res.anomalies_by_group.values()) == 5  # all anomalous readings still counted
