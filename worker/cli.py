@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_worker(cfg: WorkerConfig) -> int:
     """Run until SIGTERM/SIGINT; see :mod:`worker.loop` for the delivery contract."""
+    # Until the loop runs there is nothing to finish or commit: a stop request exits at once.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: sys.exit(0))
     log.info("starting with config %s", json.dumps(cfg.masked(), sort_keys=True))
     registry = CollectorRegistry()
     metrics = WorkerMetrics.create(registry)

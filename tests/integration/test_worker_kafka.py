@@ -372,9 +372,12 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
     readings = list(stream(_spec(10000), readings_per_device=10000, anomaly_fraction=0.02))
     _produce(broker, topics["in"], readings)  # 80k readings
     slow = {"max_size": 32, "max_wait_ms": 5}
+    # Commit only every 2 s, so w1 surely holds scored, uncommitted batches at the revoke.
+    env = {"SENSOR_ANOMALY_KAFKA__COMMIT_INTERVAL_MS": "2000"}
     w1 = WorkerProcess(
         _config(tmp_path, broker, registry, topics, group, delivery, "w1", **slow),
         tmp_path / "w1.log",
+        env=env,
     )
     deadline = time.monotonic() + 60
     while sum(v for v in broker.committed(group, topics["in"]).values() if v > 0) < 1000:
@@ -384,6 +387,7 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
     w2 = WorkerProcess(
         _config(tmp_path, broker, registry, topics, group, delivery, "w2", **slow),
         tmp_path / "w2.log",
+        env=env,
     )
     try:
         wait_until_committed(broker, group, topics["in"], [w1, w2], timeout=150)

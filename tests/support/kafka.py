@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,8 +161,17 @@ class Broker:
             {"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False}
         )
         try:
-            tps = c.committed([TopicPartition(topic, p) for p in md.partitions], timeout=10)
-            return {tp.partition: tp.offset for tp in tps}
+            # A young broker may still be loading the offsets topic (NOT_COORDINATOR,
+            # COORDINATOR_LOAD_IN_PROGRESS): those errors are retriable.
+            for attempt in range(50):
+                try:
+                    tps = c.committed([TopicPartition(topic, p) for p in md.partitions], timeout=10)
+                    return {tp.partition: tp.offset for tp in tps}
+                except KafkaException as e:
+                    if attempt == 49 or not e.args[0].retriable():
+                        raise
+                    time.sleep(0.2)
+            raise AssertionError("unreachable")
         finally:
             c.close()
 
