@@ -12,12 +12,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from detector import load
 from simulator.fleet import FleetSpec, Reading, feature_names, normal_matrix, stream
-from tests.support.detectors import save_linear_detector
+from tests.support.detectors import false_alarm_bound, save_linear_detector
 from tests.support.kafka import Broker
 from tests.support.worker_proc import WorkerProcess, wait_until_committed, write_worker_config
 
@@ -99,7 +98,7 @@ def _check_detection(events: list[dict[str, Any]], readings: list[Reading], regi
     # Expected false alarms: the threshold's exceedance rate on held-out normal data.
     det = load(next(p for p in (registry / "sensors").iterdir() if p.name.startswith("v")))
     expected = det.threshold.exceed_rate * n_normal
-    bound = 1.5 * expected + 4 * np.sqrt(expected) + 5
+    bound = false_alarm_bound(expected)
     assert len(false_pos) <= bound, f"{len(false_pos)} false alarms, expected ≈{expected:.0f}"
 
 
