@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -133,8 +134,6 @@ def run_worker(cfg: WorkerConfig) -> int:
 
 
 def _force_exit(grace: float) -> None:
-    import os
-
     log.error("shutdown took longer than %.0fs; exiting without a final commit", grace)
     logging.shutdown()
     os._exit(1)

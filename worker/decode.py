@@ -17,6 +17,7 @@ no out-of-range numbers) happen inside the parser at ~1 µs per reading.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -113,8 +114,6 @@ class ReadingDecoder:
     def _now(self) -> int:
         if self._now_ms is not None:
             return int(self._now_ms())
-        import time
-
         return time.time_ns() // 1_000_000
 
     def _check_device(self, dev: str) -> str | None:

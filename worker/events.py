@@ -157,7 +157,7 @@ def build_event(
         "model": {"name": model_name, "version": model_version},
         "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
     }
-    return OutputMessage("event", device_id.encode(), _encode(doc), [])
+    return OutputMessage(device_id.encode(), _encode(doc), [])
 
 
 def build_dead_letter(
@@ -180,4 +180,4 @@ def build_dead_letter(
         ("sensor_anomaly.error.reason", reason.value.encode()),
         ("sensor_anomaly.model.version", model_version.encode()),
     ]
-    return OutputMessage("dead_letter", record.key, record.value, headers)
+    return OutputMessage(record.key, record.value, headers)

@@ -39,7 +39,6 @@ class SimpleRecord:
 class OutputMessage:
     """A record to publish: where to, key, value and headers."""
 
-    kind: str  # "event" or "dead_letter"
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
