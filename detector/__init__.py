@@ -6,7 +6,14 @@ worker; its scoring is pure numpy.
 """
 
 from detector.artifact import Registry, load, load_keras, resolve, verify
-from detector.core import Contribution, Detector, ModelInfo, Scores
+from detector.core import (
+    Contribution,
+    Detector,
+    ModelInfo,
+    OutOfRange,
+    Scores,
+    WatchedConstant,
+)
 from detector.errors import ArtifactError, DetectorError, ThresholdError
 from detector.network import DenseLayer, DenseNetwork
 from detector.preprocess import Preprocessor
@@ -20,11 +27,13 @@ __all__ = [
     "Detector",
     "DetectorError",
     "ModelInfo",
+    "OutOfRange",
     "Preprocessor",
     "Registry",
     "Scores",
     "Threshold",
     "ThresholdError",
+    "WatchedConstant",
     "fit_threshold",
     "load",
     "load_keras",

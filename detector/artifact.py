@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.core import Detector, ModelInfo
+from detector.core import Detector, ModelInfo, WatchedConstant
 from detector.errors import ArtifactError, DetectorError
 from detector.network import DenseNetwork
 from detector.preprocess import Preprocessor
@@ -103,6 +103,12 @@ def _detector_doc(det: Detector) -> dict[str, Any]:
             "training_fingerprint": det.info.training_fingerprint,
         },
         "extra": det.extra,
+        # Issue 11 fields; absent in older artifacts (load() then uses today's behaviour).
+        "window": det.window,
+        "ewma_alpha": det.ewma_alpha,
+        "train_min": None if det.train_min is None else det.train_min.tolist(),
+        "train_max": None if det.train_max is None else det.train_max.tolist(),
+        "constants": [c.to_dict() for c in det.constants],
     }
 
 
@@ -272,6 +278,10 @@ def verify(path: Path | str) -> dict[str, Any]:
     return manifest
 
 
+def _opt_array(v: Any) -> np.ndarray[Any, Any] | None:
+    return None if v is None else np.asarray(v, dtype=np.float64)
+
+
 def load(path: Path | str) -> Detector:
     """Load and verify an artifact directory into a :class:`Detector` (no TensorFlow needed)."""
     p = Path(path)
@@ -295,6 +305,11 @@ def load(path: Path | str) -> Detector:
                 training_fingerprint=info.get("training_fingerprint", ""),
             ),
             extra=doc.get("extra", {}),
+            window=int(doc.get("window", 1)),
+            ewma_alpha=None if doc.get("ewma_alpha") is None else float(doc["ewma_alpha"]),
+            train_min=_opt_array(doc.get("train_min")),
+            train_max=_opt_array(doc.get("train_max")),
+            constants=tuple(WatchedConstant.from_dict(c) for c in doc.get("constants", [])),
         )
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactError(
