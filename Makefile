@@ -9,7 +9,7 @@ export KAFKA_PORT ?= 39092
 export KAFKA_CONTROLLER_PORT ?= 39093
 export KAFKA_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: help install system-deps kafka-jars lint typecheck test unit demo bench kafka-start kafka-stop clean
+.PHONY: help install system-deps kafka-jars tools constraints lint typecheck test unit demo bench kafka-start kafka-stop clean
 
 help:
 	@echo "make test | make demo | make bench | make lint | make typecheck | make kafka-start | make kafka-stop"
@@ -26,7 +26,15 @@ system-deps:
 kafka-jars:
 	deploy/kafka/kafka.sh fetch
 
-install: $(BIN)/.installed system-deps kafka-jars
+# helm (built once into .cache/bin) for the chart tests; see scripts/tools.sh.
+tools: $(BIN)/.installed
+	scripts/tools.sh install
+
+# Regenerate the pins the images build from, after changing pyproject.toml's dependencies.
+constraints: $(BIN)/.installed
+	scripts/tools.sh constraints
+
+install: $(BIN)/.installed system-deps kafka-jars tools
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

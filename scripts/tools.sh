@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Deployment-check tools, cached under .cache/ (make install runs `scripts/tools.sh install`).
+#
+#   scripts/tools.sh install       build helm from the Go module proxy into .cache/bin (once)
+#   scripts/tools.sh versions      print the tools' versions
+#   scripts/tools.sh constraints   regenerate constraints.txt from .venv (pip freeze)
+#
+# helm is built with `go install` (a Go toolchain is on every machine of this project);
+# kubernetes-validate, check-jsonschema and hadolint come from PyPI with the [dev] extra.
+# Failing here is loud on purpose: the chart tests need helm and do not skip without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+BIN_DIR="$PWD/.cache/bin"
+HELM="$BIN_DIR/helm"
+
+# The module version go install built (helm's own `version` says only "v3.22" for such a
+# build: its full version is set by ldflags in helm's release Makefile).
+helm_version() {
+  [ -x "$HELM" ] || return 0
+  go version -m "$HELM" 2>/dev/null | awk '$1 == "mod" && $2 == "helm.sh/helm/v3" {print $3}'
+}
+
+install_helm() {
+  if [ -x "$HELM" ] && [ "$(helm_version)" = "$HELM_VERSION" ]; then
+    return 0
+  fi
+  command -v go >/dev/null || { echo "error: go not found; it builds helm $HELM_VERSION" >&2; exit 1; }
+  echo "[tools] building helm $HELM_VERSION into .cache/bin (go install, a few minutes once)" >&2
+  mkdir -p "$BIN_DIR"
+  GOBIN="$BIN_DIR" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  [ "$(helm_version)" = "$HELM_VERSION" ] || { echo "error: .cache/bin/helm is not $HELM_VERSION" >&2; exit 1; }
+}
+
+versions() {
+  echo "[tools] helm $(helm_version), $(.venv/bin/kubernetes-validate --version 2>&1 | tail -1)," \
+    "check-jsonschema $(.venv/bin/check-jsonschema --version 2>&1 | awk '{print $NF}')," \
+    "$(.venv/bin/hadolint --version 2>&1 | head -1)" >&2
+}
+
+constraints() {
+  local py
+  py="$(.venv/bin/python -c 'import platform; print(platform.python_version())')"
+  {
+    echo "# Exact versions every image and CI install is built from (pip constraints: only the"
+    echo "# packages an install actually needs are taken from here). Regenerate with"
+    echo "# \`make constraints\` (pip freeze of .venv, Python $py, linux x86_64) after changing"
+    echo "# pyproject.toml's dependencies, and commit it with that change."
+    .venv/bin/pip freeze --exclude-editable | grep -v '^sensor-anomaly'
+    echo "# The build backend pyproject.toml's [build-system] resolves to (pip applies"
+    echo "# PIP_CONSTRAINT inside its isolated build environment too)."
+    echo "setuptools==${SETUPTOOLS_VERSION:-84.2.1}"
+    echo "wheel==${WHEEL_VERSION:-0.48.0}"
+  } > constraints.txt
+  echo "[tools] wrote constraints.txt ($(grep -c '==' constraints.txt) pins)" >&2
+}
+
+case "${1:-install}" in
+  install) install_helm; versions ;;
+  versions) versions ;;
+  constraints) constraints ;;
+  *) echo "usage: $0 install|versions|constraints" >&2; exit 2 ;;
+esac
