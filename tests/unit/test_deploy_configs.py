@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from string import Template
@@ -183,12 +184,21 @@ def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> No
 # -------------------------------------------------------- rules (structure)
 
 
-def test_prometheus_config_scrapes_both_workers() -> None:
+def test_prometheus_config_finds_workers_by_dns() -> None:
+    # `docker compose up --scale worker=N`: one A record per replica of the service, so
+    # the scrape config names the compose service, never a fixed list of containers.
     config = _load_yaml(PROM / "prometheus.yml")
     assert config["global"]["scrape_interval"] == "5s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = [t for sc in jobs[JOB]["static_configs"] for t in sc["targets"]]
-    assert targets == ["worker-1:9108", "worker-2:9108"]
+    services = _compose()["services"]
+    for job, service, port in [
+        (JOB, "worker", 9108),
+        ("sensor-anomaly-serve", "anomaly-serve", 8080),
+    ]:
+        assert "static_configs" not in jobs[job], job
+        (sd,) = jobs[job]["dns_sd_configs"]
+        assert sd["names"] == [service] and sd["type"] == "A" and sd["port"] == port
+        assert service in services, f"{job} discovers a service compose does not define"
     assert sorted(config["rule_files"]) == ["rules/alerts.yml", "rules/recording.yml"]
 
 
@@ -386,21 +396,23 @@ def test_compose_services() -> None:
         "kafka-init",
         "simulator",
         "trainer",
-        "worker-1",
-        "worker-2",
+        "worker",
+        "anomaly-serve",
         "prometheus",
         "grafana",
     }
     assert expected <= set(services)
     assert services["kafka"]["image"] == "apache/kafka:4.1.0"
     assert services["trainer"]["restart"] == "no"
-    for name in ("worker-1", "worker-2"):
-        worker = services[name]
-        assert worker["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
-        assert worker["environment"]["SENSOR_ANOMALY_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
-        volumes = worker["volumes"]
-        assert "models:/models:ro" in volumes
-        assert "./deploy/config/worker.yaml:/etc/sensor-anomaly/worker.yaml:ro" in volumes
+    assert services["trainer"]["build"]["target"] == "trainer"
+    for name in ("worker", "anomaly-serve", "simulator"):
+        assert services[name]["build"]["target"] == "worker", name
+    worker = services["worker"]
+    assert worker["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    assert worker["environment"]["SENSOR_ANOMALY_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+    volumes = worker["volumes"]
+    assert "models:/models:ro" in volumes
+    assert "./deploy/config/worker.yaml:/etc/sensor-anomaly/worker.yaml:ro" in volumes
     assert "models:/models" in services["trainer"]["volumes"]
     init_script = " ".join(services["kafka-init"]["command"])
     for topic, partitions in [
@@ -419,12 +431,76 @@ def test_compose_services() -> None:
     assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus_mounts
 
 
+def test_compose_workers_scale() -> None:
+    # `--scale worker=N` fails on a fixed host port or container_name, and two replicas
+    # with one hostname would share Kafka's group.instance.id (worker default: hostname).
+    worker = _compose()["services"]["worker"]
+    for key in ("ports", "container_name", "hostname"):
+        assert key not in worker, f"worker: {key} prevents --scale worker=N"
+    assert not [n for n in _compose()["services"] if re.fullmatch(r"worker-\d+", n)]
+    from worker.cli import STOP_GRACE_S
+
+    grace = worker["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > STOP_GRACE_S, grace
+
+
+def test_compose_limits_and_log_rotation() -> None:
+    for name, service in _compose()["services"].items():
+        limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert limits.get("cpus") and limits.get("memory"), f"{name}: no resource limits"
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file", f"{name}: no log rotation"
+        assert logging["options"]["max-size"] and logging["options"]["max-file"], name
+
+
+def test_compose_published_ports_bind_loopback() -> None:
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (
+                f"{name}: {port} is published on all interfaces"
+            )
+
+
+@pytest.fixture(scope="module")
+def check_jsonschema() -> str:
+    return _dev_tool("check-jsonschema")
+
+
+def _dev_tool(name: str) -> str:
+    # From the [dev] extra: a missing tool is an install problem to fix, not a reason to skip.
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} not installed: pip install -e '.[dev]' (make install)"
+    return found
+
+
+def test_compose_matches_the_compose_spec(check_jsonschema: str) -> None:
+    # check-jsonschema ships the compose-spec schema (vendor.compose-spec): offline.
+    result = _run([check_jsonschema, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    _assert_ok(result)
+
+
+def test_compose_spec_check_rejects_a_bad_file(check_jsonschema: str, tmp_path: Path) -> None:
+    # The schema check must be able to fail: an unknown service key is refused.
+    bad = _compose()
+    bad["services"]["worker"]["replica"] = 2
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(bad))
+    result = _run([check_jsonschema, "--builtin-schema", "vendor.compose-spec", str(path)])
+    assert result.returncode != 0, result.stdout
+
+
+def test_hadolint_dockerfile() -> None:
+    hadolint = _dev_tool("hadolint")
+    _assert_ok(_run([hadolint, "--failure-threshold", "info", str(DEPLOY / "Dockerfile")]))
+
+
 def test_compose_runs_nothing_as_root() -> None:
     for name, service in _compose()["services"].items():
         user = service.get("user")
         assert user is not None, f"{name}: set an explicit non-root user"
         assert _uid(user) not in {"0", "root"}, f"{name}: runs as root"
-    for name in ("worker-1", "worker-2", "trainer", "simulator"):
+    for name in ("worker", "anomaly-serve", "trainer", "simulator"):
         assert _uid(_compose()["services"][name]["user"]) == "10001"
 
 
@@ -467,7 +543,8 @@ def test_commands_parse_with_the_real_clis() -> None:
     commands = [
         services["simulator"]["command"],
         *trainer_steps,
-        _dockerfile_json("CMD"),
+        _stage_cmd(_dockerfile_stages()["worker"]),
+        _stage_cmd(_dockerfile_stages()["trainer"]),
         _dockerfile_json("HEALTHCHECK"),
     ]
     for command in commands:
@@ -475,23 +552,104 @@ def test_commands_parse_with_the_real_clis() -> None:
         assert result.returncode == 0, f"{command}: {result.stderr}"
 
 
+def _dockerfile_stages() -> dict[str, str]:
+    """Stage name -> that stage's text (continuation lines joined)."""
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    text = re.sub(r"^#.*\n", "", text, flags=re.M)
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _stage_cmd(body: str) -> list[str]:
+    (cmd,) = re.findall(r"^CMD\s+(\[.*\])\s*$", body, re.M)
+    value = json.loads(cmd)
+    assert isinstance(value, list)
+    return [str(v) for v in value]
+
+
 def test_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
-    assert re.search(r"^FROM python:3\.11-slim|^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
-    assert "pip install" in text
-    users = re.findall(r"^USER\s+(\S+)", text, re.M)
-    assert users and users[-1].split(":")[0] == "10001"
-    assert re.search(r"^HEALTHCHECK .*\n?.*anomaly-healthcheck", text, re.M)
-    cmd = re.findall(r"^CMD\s+(.+)$", text, re.M)
-    assert cmd and json.loads(cmd[-1]) == [
+    # A pinned patch release (the one constraints.txt was frozen with), never a moving tag.
+    (image,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", image), image
+    frozen = re.search(r"Python (3\.\d+\.\d+)", (REPO / "constraints.txt").read_text())
+    assert frozen and image.startswith(f"python:{frozen.group(1)}-"), (image, frozen)
+    for line in re.findall(r"^FROM\s+(\S+)", text, re.M):
+        assert line == "${PYTHON_IMAGE}" or line in _dockerfile_stages(), line
+    stages = _dockerfile_stages()
+    assert list(stages)[-1] == "worker", "the default target (last stage) is the worker"
+    for target in ("worker", "trainer"):
+        users = re.findall(r"^USER\s+(\S+)", stages[target], re.M)
+        assert users and users[-1].split(":")[0] == "10001", target
+    assert re.search(r"^HEALTHCHECK .*anomaly-healthcheck", stages["worker"], re.M)
+    assert re.search(r"^HEALTHCHECK NONE", stages["trainer"], re.M)
+    assert _stage_cmd(stages["worker"]) == [
         "anomaly-worker",
         "--config",
         "/etc/sensor-anomaly/worker.yaml",
     ]
+    assert _stage_cmd(stages["trainer"])[0] == "anomaly-train"
+    # Every install is constrained; only the trainer's venv gets the [train] extra.
+    assert "PIP_CONSTRAINT=/src/constraints.txt" in stages["deps"]
+    assert "[train]" in stages["deps-train"] and "[train]" not in stages["deps"]
+    assert "--from=build-worker" in stages["worker"]
+    assert "--from=build-trainer" in stages["trainer"]
     # the files the image copies must exist (wildcards may match nothing)
     for source in re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+$", text, re.M):
         for item in source.split():
             assert "*" in item or (REPO / item).exists(), item
+
+
+def test_dockerfile_copies_every_package() -> None:
+    # A package pyproject.toml ships but the image build forgets is a wheel without it.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    wheel_stage = _dockerfile_stages()["wheel"]
+    for pattern in include:
+        package = pattern.rstrip("*")
+        if (REPO / package / "__init__.py").is_file():
+            assert f"COPY {package}/ {package}/" in wheel_stage, package
+    for data in ("schemas/", "examples/", "deploy/config/"):
+        assert f"COPY {data} {data}" in wheel_stage, data
+
+
+def _requirement_name(requirement: str) -> str:
+    match = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert match, requirement
+    return re.sub(r"[-_.]+", "-", match.group(0)).lower()
+
+
+def test_constraints_pin_every_dependency() -> None:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_requirement_name(name)] = version
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    project = pyproject["project"]
+    extras = project["optional-dependencies"]
+    wanted = [*project["dependencies"], *extras["train"], *extras["confluent"]]
+    wanted += pyproject["build-system"]["requires"]
+    for requirement in wanted:
+        assert _requirement_name(requirement) in pins, f"constraints.txt does not pin {requirement}"
+
+
+def test_base_dependencies_have_no_training_library() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    project = pyproject["project"]
+    base = {_requirement_name(r) for r in project["dependencies"]}
+    assert base == {"numpy", "msgspec", "kafka-python", "prometheus-client", "pyyaml"} | (
+        base & {"starlette", "uvicorn", "anyio", "h11"}  # the HTTP server's, if any
+    ), base
+    train = {_requirement_name(r) for r in project["optional-dependencies"]["train"]}
+    assert train == {"tensorflow", "scikit-learn", "matplotlib"}
+    dev = " ".join(project["optional-dependencies"]["dev"])
+    assert "sensor-anomaly[train" in dev
+    assert project["license"] == "Apache-2.0"
+    license_text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
 
 
 def test_compose_trainer_config_is_valid() -> None:
@@ -499,3 +657,11 @@ def test_compose_trainer_config_is_valid() -> None:
 
     cfg = load_config(REPO / "deploy/config/trainer.yaml")
     assert cfg.registry == "/models" and cfg.name == "sensors"
+
+
+def test_compose_serve_config_is_valid() -> None:
+    from serve.config import load_config
+
+    cfg = load_config(REPO / "deploy/config/serve.yaml")
+    assert cfg.serve.registry == "/models" and cfg.serve.port == 8080
+    assert cfg.serve.host == "0.0.0.0"  # reachable through the published port
