@@ -12,6 +12,22 @@ fields are ignored. Duplicate keys: the last one wins (as in msgspec, orjson and
 ``JSON.parse``). Decoding uses msgspec with a struct type generated from the model's feature
 order, so type checks (no strings or booleans as numbers, no ``NaN``/``Infinity`` literals,
 no out-of-range numbers) happen inside the parser at ~1 µs per reading.
+
+Dead-letter reasons are a function of the value's bytes alone (never of the batch around it
+or of which decode path ran), decided in this order, first match wins:
+
+1. ``decode_error``: tombstone or empty value;
+2. ``oversize``: longer than ``max_value_bytes``;
+3. ``decode_error``: not valid UTF-8 anywhere in the value, ignored fields included (the
+   typed parser skips unknown fields without checking their bytes);
+4. ``decode_error``: not well-formed JSON anywhere in the value (truncated, trailing
+   garbage, ``NaN`` literals, a BOM), even when a schema problem comes first in the text;
+5. ``invalid_shape``: nesting too deep to parse;
+6. the first schema problem in document order: ``missing_field``, ``invalid_timestamp``,
+   ``invalid_device_id``, ``invalid_number`` (string, boolean or out-of-range feature) or
+   ``invalid_shape`` (anything else, e.g. not an object);
+7. checks after parsing: ``invalid_device_id``, ``invalid_timestamp``, ``missing_field``
+   (more missing features than allowed).
 """
 
 from __future__ import annotations
@@ -38,6 +54,41 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MIN_PLAUSIBLE_MS = 100_000_000_000
 _VALUES = attrgetter("values")
 _astuple = msgspec.structs.astuple
+# Untyped, with floats dropped: checks only UTF-8 and JSON syntax of a whole value (a float
+# out of range, e.g. 1e999 in an ignored field, is well-formed JSON and must not count).
+_syntax_check = msgspec.json.Decoder(float_hook=lambda _text: None).decode
+
+
+def _utf8_problem(raw: bytes) -> str | None:
+    """None if ``raw`` is valid UTF-8, else a one-line description (``isascii`` is a
+    word-at-a-time scan, so the common all-ASCII reading costs almost nothing)."""
+    if raw.isascii():
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"value is not valid UTF-8: {e.reason} at byte {e.start}"
+    return None
+
+
+def _all_utf8(values: Sequence[bytes]) -> bool:
+    """Whether every value is valid UTF-8: the typed parser skips ignored fields unchecked."""
+    return all(map(bytes.isascii, values)) or all(_utf8_problem(v) is None for v in values)
+
+
+def _syntax_problem(raw: bytes) -> str | None:
+    """None if ``raw`` is well-formed JSON (or too deep to tell), else the parser's message.
+
+    Called when the typed parse stopped at a schema problem: it stops at the first one, so
+    a truncated or garbled value would otherwise get a validation reason.
+    """
+    try:
+        _syntax_check(raw)
+    except msgspec.DecodeError as e:
+        return str(e)[:500]
+    except (msgspec.ValidationError, RecursionError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -173,9 +224,21 @@ class ReadingDecoder:
                     )
                 )
                 continue
+            bad_bytes = _utf8_problem(raw)
+            if bad_bytes is not None:
+                failures.append(
+                    Failure(i, Reason.DECODE_ERROR, Stage.DECODE, "UnicodeDecodeError", bad_bytes)
+                )
+                continue
             try:
                 r: Any = decode(raw)
             except msgspec.ValidationError as e:
+                syntax = _syntax_problem(raw)
+                if syntax is not None:
+                    failures.append(
+                        Failure(i, Reason.DECODE_ERROR, Stage.DECODE, "DecodeError", syntax)
+                    )
+                    continue
                 failures.append(
                     Failure(
                         i,
@@ -230,13 +293,24 @@ class ReadingDecoder:
             recs: list[Any] = list(map(self._fast_decoder.decode, values))  # type: ignore[arg-type]
         except Exception:  # every failure is re-examined record by record
             return None
+        if not _all_utf8(values):  # type: ignore[arg-type]
+            return None
         devices: list[str] = [r.device for r in recs]
         good = self._good_ids
         if not good.issuperset(devices):
             for dev in set(devices).difference(good):
                 if self._check_device(dev) is not None:
                     return None
-        stamps: list[Any] = [r.ts for r in recs]
+        ts = self._fast_stamps([r.ts for r in recs])
+        if ts is None:
+            return None
+        n, n_f = len(recs), len(self.features)
+        rows = (_astuple(r)[2:] for r in recs) if self._flat else map(_astuple, map(_VALUES, recs))
+        x = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * n_f)
+        return self._validate(list(range(n)), x.reshape(n, n_f), devices, ts, [])
+
+    def _fast_stamps(self, stamps: list[Any]) -> npt.NDArray[np.int64] | None:
+        """Epoch-ms timestamps as int64, or None if one is unparsable or overflows int64."""
         if str in set(map(type, stamps)):  # RFC 3339 strings
             for j, t in enumerate(stamps):
                 if isinstance(t, str):
@@ -245,13 +319,9 @@ class ReadingDecoder:
                     except ValueError:
                         return None
         try:
-            ts = np.array(stamps, dtype=np.int64)
+            return np.array(stamps, dtype=np.int64)
         except OverflowError:
             return None
-        n, n_f = len(recs), len(self.features)
-        rows = (_astuple(r)[2:] for r in recs) if self._flat else map(_astuple, map(_VALUES, recs))
-        x = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * n_f)
-        return self._validate(list(range(n)), x.reshape(n, n_f), devices, ts, [])
 
     def _finish(
         self,

@@ -42,6 +42,8 @@ _RAW: dict[int, bytes | None] = {
     3: b"[1,2]",
     4: b"x" * 2000,
     5: b'{"device_id": "pump-001", "timestamp": NaN}',
+    6: b'{"device_id": 7, "timestamp": 1',  # a schema problem before the truncation
+    7: b'{"device_id": "pump-001", "note": "\xff"}',  # bad UTF-8 in an ignored field
 }
 _EDITS = [
     _set(("values", NAMES[0]), None),
@@ -66,6 +68,8 @@ def _variant(rng: random.Random, d: dict[str, Any]) -> bytes | None:
     k = rng.randrange(len(_RAW) + len(_EDITS) + 4)
     if k in _RAW:
         return _RAW[k]
+    if k == len(_RAW) + len(_EDITS):  # a good reading with bad UTF-8 in an ignored field
+        return json.dumps(d).encode()[:-1] + b', "note": "\xc3"}'
     d = {**d, "values": dict(d["values"])}
     if k - len(_RAW) < len(_EDITS):
         _EDITS[k - len(_RAW)](d)
