@@ -183,7 +183,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         truth=args.truth,
     )
     assert ds.labels is not None  # require_label=True guarantees it
-    m = evaluate_detector(det, ds.x, ds.labels)
+    m = evaluate_detector(det, ds.x, ds.labels, ds.device_ids)
     m = {"artifact": str(path), "model": det.info.name, "version": det.info.version} | m
     if args.json:
         from trainer.report import json_safe

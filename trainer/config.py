@@ -125,7 +125,15 @@ class PreprocessConfig:
         "mean", "SimpleImputer strategy for missing values"
     )
     constant_columns: Literal["error", "drop"] = setting(
-        "error", "a constant or all-missing training column: error, or drop it (reported)"
+        "drop",
+        "a constant or all-missing training column: drop it (a warning; constant ones are "
+        "watched at scoring time), or error",
+    )
+    constant_tolerance: float = setting(
+        1e-6,
+        "a watched constant has changed when |value - training value| > this × max(1, |training "
+        "value|)",
+        ge=0,
     )
 
 
@@ -133,10 +141,19 @@ class PreprocessConfig:
 class SplitConfig:
     """Normal rows are split into train / validation (early stopping) / threshold holdout."""
 
-    validation: float = setting(0.15, "fraction for validation loss and early stopping", gt=0, lt=1)
-    holdout: float = setting(0.15, "fraction held out for the threshold only", gt=0, lt=1)
+    validation: int | float | str = setting(
+        0.15,
+        "validation size (early stopping): a fraction < 1, a number of rows, or a duration "
+        "like 10m / 2h / 1d (needs timestamps)",
+    )
+    holdout: int | float | str = setting(
+        0.15,
+        "threshold-holdout size: a fraction < 1, a number of rows, or a duration like 10m",
+    )
     shuffle: bool = setting(
-        True, "random split (seeded); false = chronological: train, then validation, then holdout"
+        False,
+        "false = chronological (default): train, then validation, then holdout, in timestamp "
+        "order (row order without one); true = random (seeded)",
     )
 
 
@@ -144,8 +161,25 @@ class SplitConfig:
 class ModelConfig:
     """The dense autoencoder and how it is fitted."""
 
-    hidden: tuple[int, ...] = setting((32, 16), "encoder layer widths; the decoder mirrors", ge=1)
-    code_size: int = setting(8, "width of the bottleneck (code) layer", ge=1)
+    hidden: tuple[int, ...] | None = setting(
+        None,
+        "encoder layer widths; the decoder mirrors; null = auto from the input width "
+        "[4c, 2c] for code size c",
+        ge=1,
+    )
+    code_size: int | None = setting(
+        None,
+        "width of the bottleneck (code) layer; null = auto: clamp(round(inputs / 3), 1, 8), "
+        "always narrower than the input",
+        ge=1,
+    )
+    window: int = setting(
+        1,
+        "readings per model input: the model sees a device's last `window` readings "
+        "(flattened); 1 = per point",
+        ge=1,
+        le=512,
+    )
     activation: Activation = setting("relu", "hidden/code activation: relu tanh sigmoid elu linear")
     output_activation: Literal["auto", "relu", "tanh", "sigmoid", "elu", "linear"] = setting(
         "auto", "auto = sigmoid for the minmax scaler, linear for standard"
@@ -155,13 +189,26 @@ class ModelConfig:
     )
     l2: float = setting(0.0, "L2 weight penalty on every kernel", ge=0)
     learning_rate: float = setting(1e-3, "Adam learning rate", gt=0, le=1)
-    epochs: int = setting(50, "maximum epochs", ge=1)
+    epochs: int = setting(300, "maximum epochs (the report says when training stopped at it)", ge=1)
     batch_size: int = setting(256, "mini-batch size", ge=1)
-    patience: int = setting(5, "early stopping: epochs without val_loss improvement", ge=1)
+    patience: int = setting(10, "early stopping: epochs without val_loss improvement", ge=1)
     min_delta: float = setting(0.0, "early stopping: smallest val_loss change that counts", ge=0)
     seed: int = setting(42, "seed for the split, weight init, shuffling and dropout", ge=0)
     deterministic: bool = setting(
         True, "enable TensorFlow op determinism, so one seed always gives the same weights"
+    )
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How scores become decisions; stored in the artifact, applied by the worker."""
+
+    ewma_alpha: float | None = setting(
+        None,
+        "per-device EWMA of the score before the threshold (0 < alpha <= 1; the threshold is "
+        "fitted on smoothed holdout scores); null = off",
+        gt=0,
+        le=1,
     )
 
 
@@ -229,6 +276,7 @@ class TrainConfig:
     model: ModelConfig = setting(ModelConfig(), "autoencoder and fitting")
     tune: TuneConfig = setting(TuneConfig(), "hyperparameter search")
     threshold: ThresholdConfig = setting(ThresholdConfig(), "alarm threshold")
+    scoring: ScoringConfig = setting(ScoringConfig(), "score smoothing")
     evaluate: EvaluateConfig = setting(EvaluateConfig(), "labelled evaluation data")
     report: ReportConfig = setting(ReportConfig(), "report")
 
@@ -551,11 +599,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     delimiter_char(d.delimiter, "data.delimiter")
     _check_rows(d.rows, "data.rows")
     _check_columns(d)
-    if not cfg.model.hidden:
+    if cfg.model.hidden is not None and not cfg.model.hidden:
         raise ConfigError(
             "model.hidden is empty", "give at least one hidden layer width, e.g. [32, 16]"
         )
-    if cfg.split.validation + cfg.split.holdout > 0.6:
+    for key in ("validation", "holdout"):
+        split_size(getattr(cfg.split, key), f"split.{key}")
+    v, h = cfg.split.validation, cfg.split.holdout
+    if isinstance(v, float) and isinstance(h, float) and v + h > 0.6:
         raise ConfigError(
             "split.validation + split.holdout exceed 0.6 of the data",
             "keep at least 40% for training, e.g. validation 0.15 and holdout 0.15",
@@ -578,6 +629,42 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 f"remove {e.label_column!r} from data.features: labels are never features",
             )
     return cfg
+
+
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def split_size(value: int | float | str, key: str) -> tuple[str, float]:
+    """A split size as ``("fraction", f)``, ``("rows", n)`` or ``("ms", duration)``.
+
+    Raises:
+        ConfigError: a fraction outside (0, 1), fewer than 1 row, or an unreadable duration.
+    """
+    if isinstance(value, float):
+        if not 0 < value < 1:
+            raise ConfigError(
+                f"config key {key} = {value!r} is out of range",
+                "use a fraction between 0 and 1, a row count like 500, or a duration like 10m",
+            )
+        return "fraction", value
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"config key {key} = {value!r} is out of range", "use >= 1 rows")
+        return "rows", float(value)
+    text = value.strip().lower()
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                amount = float(text[: -len(unit)])
+            except ValueError:
+                break
+            if amount > 0 and math.isfinite(amount):
+                return "ms", amount * _DURATION_UNITS[unit]
+            break
+    raise ConfigError(
+        f"config key {key} = {value!r} is not a split size",
+        "use a fraction like 0.15, a row count like 500, or a duration like 90s, 10m, 2h, 1d",
+    )
 
 
 def from_mapping(doc: Any) -> TrainConfig:

@@ -93,6 +93,11 @@ class Dataset:
         ignored_columns: non-numeric columns skipped because features were not listed.
         skipped_records: undecodable records dropped by the reader (Kafka replay).
         delimiter: the CSV delimiter used, if CSV.
+        device_ids: per row, the device id (``device_column``), when the data has one.
+        times_ms: per row, the timestamp as epoch milliseconds (numbers are taken as epoch
+            ms, strings as ISO 8601, UTC without a zone), when every row has a readable one;
+            else None and row order stands for time.
+        time_note: why ``times_ms`` is None although a timestamp column exists, else "".
     """
 
     source: str
@@ -102,6 +107,25 @@ class Dataset:
     ignored_columns: tuple[str, ...] = ()
     skipped_records: int = 0
     delimiter: str | None = None
+    device_ids: tuple[str, ...] | None = None
+    times_ms: F64 | None = None
+    time_note: str = ""
+
+    def rows(self, idx: npt.ArrayLike) -> Dataset:
+        """The dataset restricted to rows ``idx`` (in that order)."""
+        i = np.asarray(idx, dtype=np.intp)
+        return Dataset(
+            source=self.source,
+            feature_names=self.feature_names,
+            x=np.ascontiguousarray(self.x[i]),
+            labels=None if self.labels is None else self.labels[i],
+            ignored_columns=self.ignored_columns,
+            skipped_records=self.skipped_records,
+            delimiter=self.delimiter,
+            device_ids=None if self.device_ids is None else tuple(self.device_ids[j] for j in i),
+            times_ms=None if self.times_ms is None else self.times_ms[i],
+            time_note=self.time_note,
+        )
 
     @property
     def n_rows(self) -> int:
@@ -541,6 +565,7 @@ def select(
         _check_finite(table, name, parsed[name])
     x = np.column_stack([parsed[n] for n in names]) if names else np.empty((table.n_rows, 0))
     labels = parse_labels(table, label_column) if has_label and label_column else None
+    devices, times, note = _devices_and_times(table, device_column, timestamp_column)
     return Dataset(
         source=table.source,
         feature_names=tuple(names),
@@ -549,7 +574,45 @@ def select(
         ignored_columns=tuple(ignored),
         skipped_records=table.skipped,
         delimiter=table.delimiter,
+        device_ids=devices,
+        times_ms=times,
+        time_note=note,
     )
+
+
+def _devices_and_times(
+    table: RawTable, device_column: str | None, timestamp_column: str | None
+) -> tuple[tuple[str, ...] | None, F64 | None, str]:
+    devices = None
+    if device_column is not None and device_column in table.cells:
+        devices = tuple("" if c is None else str(c) for c in table.cells[device_column])
+    times, note = None, ""
+    if timestamp_column is not None and timestamp_column in table.cells:
+        times, note = parse_times(table.cells[timestamp_column])
+    return devices, times, note
+
+
+def parse_times(cells: Any) -> tuple[F64 | None, str]:
+    """Timestamps as epoch ms: numbers as they are, strings as numbers or ISO 8601 (UTC if
+    no zone). Returns ``(None, reason)`` if any row has none, so row order stands for time."""
+    values, bad = _to_numeric(cells)
+    if bad is None and not np.isnan(values).any():
+        return values, ""
+    from datetime import UTC, datetime
+
+    out = np.empty(len(cells), dtype=np.float64)
+    for i, c in enumerate(cells):
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            out[i] = float(c)
+            continue
+        try:
+            t = datetime.fromisoformat(str(c).strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None, f"row {i + 1} has timestamp {c!r}, not epoch ms or ISO 8601"
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=UTC)
+        out[i] = t.timestamp() * 1000.0
+    return out, ""
 
 
 def read_truth(path: str | Path) -> set[tuple[str, int]]:

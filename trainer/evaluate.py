@@ -9,12 +9,14 @@ treat an unscorable reading as not normal, so evaluation does too.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from detector import Scores
+from detector.offline import RowScores, score_rows
 
 F64 = npt.NDArray[np.float64]
 TRADEOFF_KS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0)
@@ -131,16 +133,29 @@ def labelled_metrics(
     return out
 
 
-def evaluate_detector(det: Any, x: F64, labels: npt.NDArray[np.int8]) -> dict[str, Any]:
+def evaluate_detector(
+    det: Any,
+    x: F64,
+    labels: npt.NDArray[np.int8],
+    device_ids: Sequence[str] | None = None,
+    rows: RowScores | None = None,
+) -> dict[str, Any]:
     """Score labelled raw readings ``x`` with detector ``det`` and compute every metric.
 
-    Returns :func:`labelled_metrics` plus ``normal_reconstruction`` (the
-    :func:`reconstruction_metrics` of the rows labelled normal, if any) and ``threshold``.
+    Rows are scored as the worker would (:func:`detector.offline.score_rows`: windows per
+    device, smoothing); a device's first ``window - 1`` rows are not scored and not counted.
+    Returns :func:`labelled_metrics` of the decision score plus ``normal_reconstruction``
+    (the :func:`reconstruction_metrics` of the rows labelled normal, if any), ``threshold``
+    and ``unscored_rows``.
     """
-    scores = det.score(x)
+    rs = rows if rows is not None else score_rows(det, x, device_ids)
+    keep = rs.scored
+    labels = labels[keep]
+    scores = Scores(rs.score[keep], rs.feature_error[keep], rs.reconstruction[keep])
     t = det.threshold
-    out = labelled_metrics(scores.score, labels, t.value, t.error_mean, t.error_std)
+    out = labelled_metrics(rs.decision[keep], labels, t.value, t.error_mean, t.error_std)
     out["threshold"] = t.value
+    out["unscored_rows"] = int((~keep).sum())
     normal = labels == 0
     if normal.any():
         out["normal_reconstruction"] = reconstruction_metrics(

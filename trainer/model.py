@@ -87,6 +87,9 @@ def build_autoencoder(n_features: int, hp: ModelConfig, output_activation: str) 
     only, so :meth:`detector.DenseNetwork.from_keras` can copy it into the numpy scorer.
     The code layer is named ``code``; loss is MSE, optimiser Adam(``hp.learning_rate``).
     """
+    if hp.hidden is None or hp.code_size is None:
+        # Auto shapes depend on the input width: trainer.pipeline.resolve_shape fills them.
+        raise ValueError("model.hidden / model.code_size must be resolved before building")
     keras = import_keras()
     layers = keras.layers
     reg = keras.regularizers.L2(hp.l2) if hp.l2 > 0 else None

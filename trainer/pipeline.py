@@ -42,8 +42,19 @@ from detector import (
     fit_threshold,
 )
 from detector.artifact import fingerprint
+from detector.core import WatchedConstant
+from detector.offline import device_groups, score_rows
+from detector.smoothing import ewma_series
 from trainer import data as datalib
-from trainer.config import TrainConfig, delimiter_char, resolve_format, to_mapping, to_yaml
+from trainer.config import (
+    ModelConfig,
+    TrainConfig,
+    delimiter_char,
+    resolve_format,
+    split_size,
+    to_mapping,
+    to_yaml,
+)
 from trainer.errors import DataError, TrainerError
 from trainer.evaluate import evaluate_detector, reconstruction_metrics
 from trainer.model import FitHistory
@@ -188,7 +199,15 @@ def load_labelled_data(
     )
     table = _slice(table, rows)
     if truth is None:
-        return datalib.select(table, features, label_column=label_column, require_label=True)
+        # Device and timestamp columns (when present) group and order rows for windows.
+        return datalib.select(
+            table,
+            features,
+            label_column=label_column,
+            require_label=True,
+            timestamp_column=timestamp_column if timestamp_column in table.cells else None,
+            device_column=device_column if device_column in table.cells else None,
+        )
     keys = datalib.read_truth(truth)
     labels = datalib.labels_from_truth(table, keys, device_column, timestamp_column)
     ds = datalib.select(
@@ -197,30 +216,93 @@ def load_labelled_data(
     return dataclasses.replace(ds, labels=labels)
 
 
-def split_rows(n: int, cfg: TrainConfig) -> Splits:
-    """Train / validation / holdout indices; random (seeded) or chronological.
+def time_order(ds: datalib.Dataset) -> npt.NDArray[np.intp]:
+    """Row indices in time order: by timestamp (stable) when every row has one, else row order."""
+    if ds.times_ms is None:
+        return np.arange(ds.n_rows, dtype=np.intp)
+    return np.argsort(ds.times_ms, kind="stable").astype(np.intp)
+
+
+def _split_count(value: int | float | str, key: str, n: int, times: F64 | None, end: int) -> int:
+    """Rows of a split of size ``value`` ending just before row ``end`` of the time order."""
+    kind, amount = split_size(value, key)
+    if kind == "fraction":
+        return round(n * amount)
+    if kind == "rows":
+        return int(amount)
+    if times is None:
+        raise DataError(
+            f"{key} = {value!r} is a duration but the data has no readable timestamps",
+            "give the size as a fraction or a number of rows, or set data.timestamp_column",
+        )
+    if end <= 0:
+        return 0
+    last = times[end - 1]
+    # Rows whose time lies within the duration before the last row of this part.
+    first = int(np.searchsorted(times[:end], last - amount, side="right"))
+    return end - first
+
+
+def split_rows(ds: datalib.Dataset, cfg: TrainConfig) -> Splits:
+    """Train / validation / holdout indices: chronological by default, or random (seeded).
+
+    Chronological (``split.shuffle: false``): rows in time order (timestamps, else row
+    order); the holdout is the latest ``split.holdout`` of them, validation the
+    ``split.validation`` before it, training the rest. Sizes are fractions, rows or
+    durations (:func:`trainer.config.split_size`).
 
     Raises:
         DataError: too few rows for a validation and a holdout split of at least
             :data:`MIN_SPLIT_ROWS` rows each and a training split at least as large.
     """
     s = cfg.split
-    n_val = round(n * s.validation)
-    n_hold = round(n * s.holdout)
+    n = ds.n_rows
+    if s.shuffle:
+        order = np.random.default_rng(cfg.model.seed).permutation(n).astype(np.intp)
+        times = None
+        for key in ("validation", "holdout"):
+            if split_size(getattr(s, key), f"split.{key}")[0] == "ms":
+                raise DataError(
+                    f"split.{key} is a duration but split.shuffle is true",
+                    "durations select the latest data: set split.shuffle: false",
+                )
+    else:
+        order = time_order(ds)
+        times = None if ds.times_ms is None else ds.times_ms[order]
+    n_hold = _split_count(s.holdout, "split.holdout", n, times, n)
+    n_val = _split_count(s.validation, "split.validation", n, times, n - n_hold)
     n_train = n - n_val - n_hold
     if min(n_val, n_hold) < MIN_SPLIT_ROWS or n_train < MIN_SPLIT_ROWS:
-        need = math.ceil(MIN_SPLIT_ROWS / min(s.validation, s.holdout))
+        fracs = [v for v in (s.validation, s.holdout) if isinstance(v, float)]
+        need = math.ceil(MIN_SPLIT_ROWS / min(fracs)) if fracs else 3 * MIN_SPLIT_ROWS
         raise DataError(
-            f"only {n} normal rows to fit on; the split needs at least {need} "
-            f"(>= {MIN_SPLIT_ROWS} rows each for validation and holdout)",
-            "provide more rows of normal data",
+            f"only {n} normal rows to fit on; the split ({n_train} train / {n_val} validation / "
+            f"{n_hold} holdout) needs at least {need} "
+            f"(>= {MIN_SPLIT_ROWS} rows each for training, validation and holdout)",
+            "provide more rows of normal data, or smaller split sizes",
         )
-    order = np.random.default_rng(cfg.model.seed).permutation(n) if s.shuffle else np.arange(n)
     return Splits(
         train=np.sort(order[:n_train]),
         validation=np.sort(order[n_train : n_train + n_val]),
         holdout=np.sort(order[n_train + n_val :]),
     )
+
+
+def window_rows(ds: datalib.Dataset, w: int) -> npt.NDArray[np.intp]:
+    """For every row, the rows of its window (its device's last ``w`` rows in time order,
+    oldest first), int (n, w); ``-1`` in every column for a row without ``w`` readings yet."""
+    n = ds.n_rows
+    out = np.full((n, w), -1, dtype=np.intp)
+    order = time_order(ds)
+    devs = ds.device_ids
+    keys = [devs[i] for i in order] if devs is not None else None
+    groups = device_groups(n, keys)
+    for g in groups:
+        rows = order[g]  # this device's rows in time order
+        if len(rows) < w:
+            continue
+        out[rows[w - 1 :]] = np.lib.stride_tricks.sliding_window_view(rows, w)
+    return out
 
 
 def constant_columns(x: F64) -> tuple[list[int], list[int]]:
@@ -242,11 +324,15 @@ def constant_columns(x: F64) -> tuple[list[int], list[int]]:
 
 def _handle_constant(
     ds: datalib.Dataset, splits: Splits, cfg: TrainConfig
-) -> tuple[datalib.Dataset, tuple[str, ...]]:
-    """Refuse, or drop, features that are constant or all-missing in the training split."""
+) -> tuple[datalib.Dataset, tuple[str, ...], tuple[str, ...], tuple[WatchedConstant, ...]]:
+    """Refuse, or drop, features that are constant or all-missing in the training split.
+
+    Returns the dataset without them, the names dropped as all-missing, as constant, and
+    the constant ones as :class:`~detector.WatchedConstant` (training value, tolerance).
+    """
     empty, constant = constant_columns(ds.x[splits.train])
     if not empty and not constant:
-        return ds, ()
+        return ds, (), (), ()
     names = ds.feature_names
     desc = "; ".join(
         part
@@ -267,16 +353,32 @@ def _handle_constant(
         raise DataError(
             f"every feature column is constant or all missing ({desc})", "check the data"
         )
-    dropped = tuple(names[i] for i in range(len(names)) if i not in keep)
+    tol = cfg.preprocess.constant_tolerance
+    watched = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        values = np.nanmin(ds.x[splits.train], axis=0)
+    for i in constant:
+        v = float(values[i])
+        watched.append(WatchedConstant(names[i], v, tol * max(1.0, abs(v))))
     kept = dataclasses.replace(
         ds, feature_names=tuple(names[i] for i in keep), x=np.ascontiguousarray(ds.x[:, keep])
     )
-    return kept, dropped
+    return (
+        kept,
+        tuple(names[i] for i in empty),
+        tuple(names[i] for i in constant),
+        tuple(watched),
+    )
 
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """The checked inputs of a run (stage 1 output)."""
+    """The checked inputs of a run (stage 1 output).
+
+    ``dropped_columns`` = ``dropped_empty`` + ``dropped_constant``; ``imputed`` counts the
+    missing values per kept feature over the rows used (filled with the imputer's value).
+    """
 
     dataset: datalib.Dataset
     rows_read: int
@@ -284,6 +386,11 @@ class Prepared:
     dropped_columns: tuple[str, ...]
     splits: Splits
     evaluation: datalib.Dataset | None
+    dropped_empty: tuple[str, ...] = ()
+    dropped_constant: tuple[str, ...] = ()
+    constants: tuple[WatchedConstant, ...] = ()
+    imputed: dict[str, int] = dataclasses.field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def prepare(cfg: TrainConfig, progress: Progress = _silent) -> Prepared:
@@ -294,17 +401,45 @@ def prepare(cfg: TrainConfig, progress: Progress = _silent) -> Prepared:
     if ds.labels is not None and cfg.data.drop_anomalies:
         normal = ds.labels == 0
         dropped_anomalies = int((~normal).sum())
-        ds = dataclasses.replace(ds, x=np.ascontiguousarray(ds.x[normal]), labels=ds.labels[normal])
+        ds = ds.rows(np.flatnonzero(normal))
     progress(
         f"read {rows_read} rows x {len(ds.feature_names)} features from {ds.source}"
         + (f" (delimiter {ds.delimiter!r})" if ds.delimiter else "")
         + (f"; dropped {dropped_anomalies} labelled anomalous" if dropped_anomalies else "")
         + (f"; skipped {ds.skipped_records} undecodable" if ds.skipped_records else "")
     )
-    splits = split_rows(ds.n_rows, cfg)
-    ds, dropped = _handle_constant(ds, splits, cfg)
-    if dropped:
-        progress(f"dropped constant/all-missing columns: {', '.join(dropped)}")
+    notes: list[str] = []
+    if ds.ignored_columns:
+        notes.append(
+            f"ignored {len(ds.ignored_columns)} non-numeric column(s): "
+            f"{', '.join(ds.ignored_columns)}"
+        )
+    if ds.time_note and not cfg.split.shuffle:
+        notes.append(f"timestamps unreadable ({ds.time_note}); row order stands for time")
+    splits = split_rows(ds, cfg)
+    ds, empty, constant, watched = _handle_constant(ds, splits, cfg)
+    dropped = empty + constant
+    if empty:
+        notes.append(
+            f"dropped {len(empty)} all-missing column(s) (no value in the training split): "
+            f"{', '.join(empty)}"
+        )
+    if constant:
+        notes.append(
+            f"dropped {len(constant)} constant column(s), watched at scoring time "
+            f"(a change makes a reading anomalous): "
+            + ", ".join(f"{c.name}={c.value:g}" for c in watched)
+        )
+    missing = np.isnan(ds.x).sum(axis=0)
+    imputed = {ds.feature_names[j]: int(c) for j, c in enumerate(missing.tolist()) if c}
+    if imputed:
+        notes.append(
+            f"{sum(imputed.values())} missing value(s) in {len(imputed)} feature(s) will be "
+            f"imputed ({cfg.preprocess.impute} of the training split): "
+            + ", ".join(f"{k} {v}" for k, v in imputed.items())
+        )
+    for line in notes:
+        progress(f"warning: {line}")
     evaluation = None
     e = cfg.evaluate
     if e.path is not None:
@@ -325,7 +460,19 @@ def prepare(cfg: TrainConfig, progress: Progress = _silent) -> Prepared:
             f"({int(evaluation.labels.sum()) if evaluation.labels is not None else 0} "
             f"anomalous) from {evaluation.source}"
         )
-    return Prepared(ds, rows_read, dropped_anomalies, dropped, splits, evaluation)
+    return Prepared(
+        ds,
+        rows_read,
+        dropped_anomalies,
+        dropped,
+        splits,
+        evaluation,
+        dropped_empty=empty,
+        dropped_constant=constant,
+        constants=watched,
+        imputed=imputed,
+        warnings=tuple(notes),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -347,8 +494,43 @@ def fit_preprocessor(x_train: F64, scaler: str, impute: str) -> Preprocessor:
         raise DataError(str(e), "set preprocess.constant_columns: drop") from None
 
 
+def auto_shape(n_inputs: int) -> tuple[tuple[int, ...], int]:
+    """The default architecture for ``n_inputs`` model inputs: hidden ``[4c, 2c]``, code ``c``.
+
+    ``c = clamp(round(n_inputs / 3), 1, 8)``: strictly narrower than the input from two
+    inputs up (8 → 3, 16 → 5, 38 → 8 as the classic tutorial's 38 → 32 → 16 → 8), so the
+    bottleneck always compresses.
+    """
+    code = max(1, min(8, round(n_inputs / 3)))
+    return (4 * code, 2 * code), code
+
+
+def resolve_shape(hp: ModelConfig, n_inputs: int) -> tuple[ModelConfig, list[str]]:
+    """``hp`` with ``hidden``/``code_size`` filled in for ``n_inputs``, and warnings.
+
+    A configured code size as wide as the input or wider is kept, with a warning: such a
+    network can learn the identity, and its errors then say little.
+    """
+    hidden, code = auto_shape(n_inputs)
+    out = dataclasses.replace(
+        hp,
+        hidden=hp.hidden if hp.hidden is not None else hidden,
+        code_size=hp.code_size if hp.code_size is not None else code,
+    )
+    notes = []
+    assert out.code_size is not None
+    if out.code_size >= n_inputs:
+        notes.append(
+            f"model.code_size {out.code_size} is not narrower than the {n_inputs} model inputs: "
+            "the autoencoder can copy its input and its errors lose meaning; set "
+            f"model.code_size below {n_inputs} (or null for auto)"
+        )
+    return out, notes
+
+
 def _fit_model(
     cfg: TrainConfig,
+    hp: ModelConfig,
     z_train: npt.NDArray[np.float32],
     z_val: npt.NDArray[np.float32],
     progress: Progress,
@@ -359,13 +541,12 @@ def _fit_model(
 
     out_act = cfg.output_activation
     if cfg.tune.method != "none":
-        res = search(z_train, z_val, cfg.model, cfg.tune, out_act, progress)
+        res = search(z_train, z_val, hp, cfg.tune, out_act, progress)
         return res.model, res.history, res.trials, res.best, res.hp
-    hp = cfg.model
     if not valid_bottleneck(hp):
         raise TrainerError(
             f"model.code_size {hp.code_size} is not smaller than every hidden width "
-            f"{list(hp.hidden)}",
+            f"{list(hp.hidden or ())}",
             "make the code layer the narrowest layer",
         )
     seed_everything(hp.seed, hp.deterministic)
@@ -378,9 +559,40 @@ def _fit_model(
     return model, hist, (), -1, hp
 
 
-def _architecture(n: int, hidden: tuple[int, ...], code: int) -> str:
-    widths = [n, *hidden, code, *reversed(hidden), n]
+def _architecture(n: int, hidden: tuple[int, ...] | None, code: int | None) -> str:
+    widths = [n, *(hidden or ()), code, *reversed(hidden or ()), n]
     return " → ".join(str(w) for w in widths)
+
+
+def _windows(
+    x: F64, win: npt.NDArray[np.intp], rows: npt.NDArray[np.intp]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.intp]]:
+    """Raw windows (m, w, d) of those ``rows`` that have a full window, and those rows."""
+    ok = rows[win[rows, 0] >= 0]
+    return x[win[ok]].astype(np.float32), ok
+
+
+def _flat(pre: Preprocessor, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    m, w, d = windows.shape
+    return pre.transform(windows.reshape(m * w, d)).reshape(m, w * d)
+
+
+def _decision(
+    scores: F64, rows: npt.NDArray[np.intp], ds: datalib.Dataset, alpha: float | None
+) -> F64:
+    """Per-device EWMA of ``scores`` (one per entry of ``rows``) in time order.
+
+    Without ``alpha``, the raw scores."""
+    if alpha is None:
+        return scores
+    out = np.empty_like(scores)
+    rank = np.empty(ds.n_rows, dtype=np.intp)
+    rank[time_order(ds)] = np.arange(ds.n_rows)
+    devs = None if ds.device_ids is None else [ds.device_ids[r] for r in rows]
+    for g in device_groups(len(rows), devs):
+        g = g[np.argsort(rank[rows[g]], kind="stable")]
+        out[g] = ewma_series(scores[g], alpha)
+    return out
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = True) -> TrainResult:
@@ -405,16 +617,33 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
     for line in held:
         say(line)
     ds, splits = prep.dataset, prep.splits
+    w = cfg.model.window
+    win = window_rows(ds, w)
+    x_train_w, r_train = _windows(ds.x, win, splits.train)
+    x_val_w, r_val = _windows(ds.x, win, splits.validation)
+    x_hold_w, r_hold = _windows(ds.x, win, splits.holdout)
+    if min(len(r_val), len(r_hold)) < MIN_SPLIT_ROWS or len(r_train) < MIN_SPLIT_ROWS:
+        raise DataError(
+            f"with model.window {w}, only {len(r_train)} / {len(r_val)} / {len(r_hold)} "
+            "train / validation / holdout readings have a full window of their device",
+            "lower model.window or provide more rows per device",
+        )
+    warn = list(prep.warnings)
+    d = len(ds.feature_names)
+    hp, shape_notes = resolve_shape(cfg.model, w * d)
+    for line in shape_notes:
+        say(f"warning: {line}")
+    warn += shape_notes
     timings["load_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    x_train, x_val, x_hold = ds.x[splits.train], ds.x[splits.validation], ds.x[splits.holdout]
+    x_train = ds.x[splits.train]
     pre = fit_preprocessor(x_train, cfg.preprocess.scaler, cfg.preprocess.impute)
-    z_train, z_val = pre.transform(x_train), pre.transform(x_val)
+    z_train, z_val = _flat(pre, x_train_w), _flat(pre, x_val_w)
     timings["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model, hist, trials, best, hp = _fit_model(cfg, z_train, z_val, say)
+    model, hist, trials, best, hp = _fit_model(cfg, hp, z_train, z_val, say)
     if not math.isfinite(hist.best_val_loss):
         raise TrainerError(
             "training diverged: the validation loss is not finite",
@@ -425,30 +654,47 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
         f"fit done: best epoch {hist.best_epoch}/{len(hist.loss)}, val_loss "
         f"{hist.best_val_loss:.6f}, {hist.seconds:.1f} s"
     )
+    if not hist.stopped_early:
+        note = (
+            f"training stopped at the epoch cap ({len(hist.loss)} epochs, best epoch "
+            f"{hist.best_epoch}) before early stopping: the model may still improve; raise "
+            "model.epochs (or model.learning_rate)"
+        )
+        say(f"warning: {note}")
+        warn.append(note)
 
     t0 = time.perf_counter()
     network = DenseNetwork.from_keras(model)
-    n = len(ds.feature_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanmin(x_train, axis=0), np.nanmax(x_train, axis=0)
     info = ModelInfo(
         name=cfg.name,
         trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
         training_fingerprint=fingerprint(x_train),
     )
-    # Score the holdout through Detector.score, the worker's code path; the provisional
-    # threshold is replaced right after.
+    alpha = cfg.scoring.ewma_alpha
+    # Score the holdout through Detector.score_windows, the worker's code path; the
+    # provisional threshold is replaced right after.
     provisional = Detector(
         feature_names=ds.feature_names,
         preprocessor=pre,
         network=network,
         threshold=Threshold("mean_k_std", cfg.threshold.k, 1.0, 0.0, 0.0, 0),
-        feature_error_mean=np.zeros(n),
-        feature_error_std=np.zeros(n),
+        feature_error_mean=np.zeros(d),
+        feature_error_std=np.zeros(d),
         info=info,
+        window=w,
+        ewma_alpha=alpha,
+        train_min=np.asarray(lo, dtype=np.float64),
+        train_max=np.asarray(hi, dtype=np.float64),
+        constants=prep.constants,
     )
-    hold_scores = provisional.score(x_hold)
+    hold_scores = provisional.score_windows(x_hold_w)
+    hold_decision = _decision(hold_scores.score, r_hold, ds, alpha)
     t = cfg.threshold
     param = t.k if t.method == "mean_k_std" else t.percentile
-    threshold = fit_threshold(hold_scores.score, t.method, param)
+    threshold = fit_threshold(hold_decision, t.method, param)
     fe = hold_scores.feature_error.astype(np.float64)
     det = dataclasses.replace(
         provisional,
@@ -467,19 +713,24 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
     timings["threshold"] = time.perf_counter() - t0
     say(
         f"threshold {threshold.value:.6g} ({t.method}, param {param:g}) from "
-        f"{threshold.n} holdout errors (mean {threshold.error_mean:.6g}, "
+        f"{threshold.n} holdout {'smoothed ' if alpha else ''}"
+        f"{'window ' if w > 1 else ''}errors (mean {threshold.error_mean:.6g}, "
         f"std {threshold.error_std:.6g})"
     )
 
     t0 = time.perf_counter()
-    metrics = _metrics(cfg, prep, det, hist, trials, best, hp, model, hold_scores)
+    metrics = _metrics(cfg, prep, det, hist, trials, best, hp, model, hold_scores, w * d)
+    metrics["warnings"] = warn
     ev = prep.evaluation
-    eval_score = codes_eval = None
+    eval_score = eval_labels = codes_eval = None
     if ev is not None and ev.labels is not None:
-        em = evaluate_detector(det, ev.x, ev.labels)
+        rs = score_rows(det, ev.x, ev.device_ids)
+        em = evaluate_detector(det, ev.x, ev.labels, ev.device_ids, rows=rs)
         metrics["evaluation"] = {"source": ev.source} | em
-        eval_score = det.score(ev.x).score
-        codes_eval = network.encode(pre.transform(ev.x))
+        eval_score = rs.decision[rs.scored]
+        eval_labels = ev.labels[rs.scored]
+        if w == 1:
+            codes_eval = network.encode(pre.transform(ev.x))
         say(
             f"evaluation: precision {em['precision']:.3f} recall {em['recall']:.3f} "
             f"F1 {em['f1']:.3f} ROC-AUC {_fmt_opt(em['roc_auc'])}"
@@ -496,14 +747,14 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
             metrics=metrics,
             config_yaml=config_yaml,
             history=hist,
-            holdout=hold_scores,
+            holdout=Scores(hold_decision, hold_scores.feature_error, hold_scores.reconstruction),
             threshold=threshold,
             feature_names=ds.feature_names,
             feature_error_mean=det.feature_error_mean,
             feature_error_std=det.feature_error_std,
-            codes_holdout=network.encode(pre.transform(x_hold)),
+            codes_holdout=network.encode(_flat(pre, x_hold_w)),
             eval_score=eval_score,
-            eval_labels=ev.labels if ev is not None else None,
+            eval_labels=eval_labels,
             codes_eval=codes_eval,
             plots=cfg.report.plots,
             max_points=cfg.report.max_points,
@@ -574,9 +825,10 @@ def _metrics(
     hp: Any,
     model: Any,
     hold: Scores,
+    n_inputs: int,
 ) -> dict[str, Any]:
     ds = prep.dataset
-    n = len(ds.feature_names)
+    n = n_inputs
     return {
         "name": cfg.name,
         "trained_at": det.info.trained_at,
@@ -589,6 +841,12 @@ def _metrics(
             "skipped_records": ds.skipped_records,
             "ignored_columns": list(ds.ignored_columns),
             "dropped_columns": list(prep.dropped_columns),
+            "dropped_all_missing": list(prep.dropped_empty),
+            "dropped_constant": list(prep.dropped_constant),
+            "watched_constants": [c.to_dict() for c in det.constants],
+            "imputed_values": prep.imputed,
+            "imputed_total": sum(prep.imputed.values()),
+            "time_order": "timestamp" if ds.times_ms is not None else "row order",
             "fingerprint": det.info.training_fingerprint,
         },
         "splits": {
@@ -596,9 +854,12 @@ def _metrics(
             "validation": len(prep.splits.validation),
             "holdout": len(prep.splits.holdout),
             "shuffle": cfg.split.shuffle,
+            "method": "random" if cfg.split.shuffle else "chronological",
         },
         "model": {
             "feature_names": list(ds.feature_names),
+            "window": det.window,
+            "ewma_alpha": det.ewma_alpha,
             "architecture": _architecture(n, hp.hidden, hp.code_size),
             "hyperparameters": to_mapping(hp),
             "output_activation": cfg.output_activation,
@@ -606,7 +867,8 @@ def _metrics(
             "imputer": cfg.preprocess.impute,
             "parameters": int(model.count_params()),
         },
-        "training": hist.to_dict() | {"epochs_run": len(hist.loss)},
+        "training": hist.to_dict()
+        | {"epochs_run": len(hist.loss), "stopped_at_cap": not hist.stopped_early},
         "tuning": (
             {
                 "method": cfg.tune.method,

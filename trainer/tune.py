@@ -72,6 +72,8 @@ def params_of(hp: ModelConfig) -> dict[str, Any]:
 
 def valid_bottleneck(hp: ModelConfig) -> bool:
     """The code layer must be the narrowest, or it is no bottleneck (and not found as one)."""
+    if hp.code_size is None or not hp.hidden:
+        return hp.code_size is not None
     return hp.code_size < min(hp.hidden)
 
 

@@ -127,6 +127,8 @@ BAD_TRAINING = [
         lambda w: [
             *NOLABEL,
             "--set",
+            "preprocess.constant_columns=error",  # drop is the default (issue 11)
+            "--set",
             "data.path="
             + _write(w, "flat.csv", "s1,s2\n" + "".join(f"{i},5\n" for i in range(200))),
         ],

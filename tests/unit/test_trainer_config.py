@@ -32,7 +32,13 @@ def _err(doc: dict[str, object]) -> str:
 
 def test_defaults_and_frozen() -> None:
     cfg = from_mapping(BASE)
-    assert cfg.model.hidden == (32, 16) and cfg.threshold.k == 2.0
+    # Issue 11: the shape is auto (null) by default, resolved from the input width; for the
+    # tutorial's 38 sensors it is the old fixed default 38 → 32 → 16 → 8.
+    assert cfg.model.hidden is None and cfg.model.code_size is None and cfg.threshold.k == 2.0
+    from trainer.pipeline import auto_shape
+
+    assert auto_shape(38) == ((32, 16), 8)
+    assert cfg.split.shuffle is False and cfg.preprocess.constant_columns == "drop"
     assert cfg.output_activation == "sigmoid"  # minmax scaler by default
     assert cfg.data_format == "csv"
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -235,17 +235,12 @@ def test_constant_column_is_an_error_or_dropped(tmp_path: Path) -> None:
     lines = ["a,b,c,d,flat"] + [",".join(f"{v:.5f}" for v in row) + ",3.0" for row in x]
     (tmp_path / "normal.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"constant: \['flat'\].*constant_columns: drop"):
-        train(_config(tmp_path), save=False)
-    res = train(
-        _config(
-            tmp_path,
-            preprocess={"constant_columns": "drop"},
-            model={"epochs": 2, "hidden": [8], "code_size": 2},
-        ),
-        save=False,
-    )
+        train(_config(tmp_path, preprocess={"constant_columns": "error"}), save=False)
+    # Issue 11: drop is the default; the dropped constant is watched with its value.
+    res = train(_config(tmp_path, model={"epochs": 2, "hidden": [8], "code_size": 2}), save=False)
     assert res.detector.feature_names == ("a", "b", "c", "d")
     assert res.metrics["data"]["dropped_columns"] == ["flat"]
+    assert [(c.name, c.value) for c in res.detector.constants] == [("flat", 3.0)]
 
 
 def test_standard_scaler_missing_values_and_percentile(tmp_path: Path) -> None:
