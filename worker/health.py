@@ -3,18 +3,69 @@
 ``/healthz``: 200 while the main loop has iterated within ``stall_after_s`` (a wedged loop
 is not alive). ``/readyz``: 200 when a model is loaded, partitions are assigned and the
 broker answered recently. Bodies are small JSON documents explaining the verdict.
+
+The server is a side channel of the scoring loop and must never starve it, however many
+clients scrape (an unbounded thread-per-connection server let 200 concurrent scrapes cut
+scoring from 2,993 to 245 readings/s). So it is one thread with a selector, and bounded:
+
+- at most ``max_connections`` open connections; more wait in the kernel's listen backlog
+  (``backlog``) until one closes, so every request is answered, later;
+- at most ``max_requests_per_s`` responses per second (token bucket, burst
+  ``max_requests_per_s / 10``); requests beyond it wait their turn in arrival order;
+- ``/metrics`` is rendered at most once per ``metrics_max_age_s``: concurrent scrapes share
+  one rendering (Prometheus scrapes every few seconds; the body is at most that stale);
+- a connection that has not sent its request head within ``request_timeout_s``, or not
+  taken its response within that time, is closed (a slow client cannot hold a slot);
+- request heads are limited to 16 KiB (431), methods to GET and HEAD (405 otherwise).
+
+Every response closes its connection (``Connection: close``), so no idle keep-alive
+connection holds a slot. Measured in docs/benchmarks.md (scripts/bench_scrape.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
+import os
+import selectors
+import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+_MAX_HEAD = 16384
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class HealthServerError(OSError):
+    """The endpoint cannot listen: port in use, address not of this host, no permission.
+
+    ``str()`` is a one-line message naming the setting to change; ``errno`` and
+    ``strerror`` are the operating system's, as for any :class:`OSError`.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, os.strerror(code) if code else message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -59,47 +110,125 @@ class HealthState:
         return ok and alive, {**facts, **live_facts}
 
 
-def _handler(registry: CollectorRegistry, state: HealthState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path in ("/healthz", "/readyz"):
-                ok, facts = state.liveness() if path == "/healthz" else state.readiness()
-                body = json.dumps({"ok": ok, **facts}).encode()
-                self._send(200 if ok else 503, body, "application/json")
-            else:
-                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking socket, or :class:`HealthServerError`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise HealthServerError(
+            errno.EADDRNOTAVAIL,
+            f"http.host {host!r} does not resolve ({e.strerror}); set http.host or "
+            "SENSOR_ANOMALY_HTTP__HOST to an address of this machine, e.g. 127.0.0.1",
+        ) from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # Lets a restarted worker bind while its predecessor's sockets are in TIME_WAIT;
+        # on Linux it does not let two processes listen on one port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        code = e.errno or 0
+        if code == errno.EADDRINUSE:
+            msg = (
+                f"http.port {port} is in use on {host}; set http.port or "
+                "SENSOR_ANOMALY_HTTP__PORT to a free port, or stop what uses it"
+            )
+        elif code == errno.EACCES:
+            msg = (
+                f"no permission to listen on {host}:{port}; set http.port or "
+                "SENSOR_ANOMALY_HTTP__PORT to a port above 1023"
+            )
+        elif code == errno.EADDRNOTAVAIL:
+            msg = (
+                f"http.host {host} is not an address of this machine; set http.host or "
+                "SENSOR_ANOMALY_HTTP__HOST (default 127.0.0.1)"
+            )
+        else:
+            msg = (
+                f"cannot listen on {host}:{port} ({e.strerror}); check http.host and "
+                "http.port (SENSOR_ANOMALY_HTTP__HOST / __PORT)"
+            )
+        raise HealthServerError(code, msg) from None
+    return sock
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            return  # scrapes every few seconds would drown the log
+class _Conn:
+    """One client connection: reading its request head, queued, or writing the response."""
 
-    return Handler
+    __slots__ = ("buf", "deadline", "out", "request", "sent", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.deadline = deadline
+        self.out = b""
+        self.sent = 0
+        self.request: tuple[str, str] | None = None  # (method, path) once the head is in
 
 
 class HealthServer:
-    """Serves /metrics, /healthz and /readyz on a background thread."""
+    """Serves /metrics, /healthz and /readyz on one background thread (see the module doc).
+
+    Args:
+        host, port: where to listen (port 0 picks a free port; see :attr:`address`).
+        registry: the Prometheus registry ``/metrics`` renders.
+        state: the liveness/readiness verdicts.
+        max_connections: open connections at most; more wait in the listen backlog.
+        backlog: the listen backlog (the kernel caps it at ``net.core.somaxconn``).
+        request_timeout_s: seconds a connection may take to send its request head, and
+            again to take its response, before it is closed.
+        max_requests_per_s: responses per second at most (a CPU budget: one response is
+            about 50 µs of CPU, a /metrics rendering a few ms, cached).
+        metrics_max_age_s: seconds a /metrics rendering is reused.
+
+    Raises:
+        HealthServerError: from the constructor, when it cannot listen.
+    """
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, state: HealthState
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        state: HealthState,
+        *,
+        max_connections: int = 64,
+        backlog: int = 1024,
+        request_timeout_s: float = 10.0,
+        max_requests_per_s: float = 500.0,
+        metrics_max_age_s: float = 0.5,
     ) -> None:
-        self._server = ThreadingHTTPServer((host, port), _handler(registry, state))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="health-http", daemon=True
-        )
+        self._registry = registry
+        self._state = state
+        self._max_connections = max_connections
+        self._timeout = request_timeout_s
+        self._rate = max_requests_per_s
+        self._burst = max(1.0, max_requests_per_s / 10)
+        self._tokens = self._burst
+        self._tokens_at = time.monotonic()
+        self._metrics_max_age = metrics_max_age_s
+        self._metrics: tuple[float, bytes] | None = None
+        self._sock = _listen(host, port, backlog)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._accepting = True
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._queue: deque[_Conn] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="health-http", daemon=True)
+        self.requests_served = 0  # for tests and benchmarks
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
     def start(self) -> HealthServer:
@@ -107,5 +236,174 @@ class HealthServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving and close every socket; open connections are dropped."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for c in list(self._conns.values()):
+            self._close(c)
+        self._sel.close()
+        for s in (self._sock, self._wake_r, self._wake_w):
+            s.close()
+
+    # -- the serving thread ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            try:
+                self._step()
+            except Exception:  # never let a bug end the endpoint silently
+                log.exception("health endpoint: unexpected error; continuing")
+                time.sleep(0.1)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        timeout = self._timeout
+        if self._queue:
+            timeout = min(timeout, max(0.0, (1.0 - self._tokens) / self._rate))
+        for key, mask in self._sel.select(timeout):
+            if key.data is None:
+                self._accept()
+            elif key.data == "wake":
+                self._drain_wake()
+            elif mask & selectors.EVENT_READ:
+                self._read(key.data)
+            else:
+                self._write(key.data)
+        self._respond_queued()
+        now = time.monotonic()
+        for c in [c for c in self._conns.values() if c.deadline < now]:
+            self._close(c)
+        if not self._accepting and len(self._conns) < self._max_connections:
+            self._sel.register(self._sock, selectors.EVENT_READ, None)
+            self._accepting = True
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        while len(self._conns) < self._max_connections:
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. EMFILE: leave the rest in the backlog for now
+                log.warning("health endpoint: accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            c = _Conn(sock, time.monotonic() + self._timeout)
+            self._conns[sock] = c
+            self._sel.register(sock, selectors.EVENT_READ, c)
+        # Full: stop accepting; the kernel queues new connections until a slot frees.
+        self._sel.unregister(self._sock)
+        self._accepting = False
+
+    def _read(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(8192)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        if not data:  # the client went away before sending a whole request
+            self._close(c)
+            return
+        c.buf += data
+        end = c.buf.find(b"\r\n\r\n")
+        if end < 0 and len(c.buf) <= _MAX_HEAD:
+            return
+        self._sel.unregister(c.sock)
+        if end < 0 or end > _MAX_HEAD:
+            c.request = ("", "431")
+        else:
+            line = bytes(c.buf[: c.buf.find(b"\r\n")]).split(b" ")
+            if len(line) != 3 or not line[2].startswith(b"HTTP/"):
+                c.request = ("", "400")
+            else:
+                c.request = (line[0].decode("latin-1"), line[1].decode("latin-1"))
+        c.buf = bytearray()
+        c.deadline = time.monotonic() + self._timeout  # waiting in the queue is our delay
+        self._queue.append(c)
+
+    def _respond_queued(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        while self._queue and self._tokens >= 1.0:
+            c = self._queue.popleft()
+            if c.sock.fileno() < 0:  # closed by its deadline while queued
+                continue
+            self._tokens -= 1.0
+            method, path = c.request or ("", "400")
+            c.out = self._response(method, path)
+            c.deadline = now + self._timeout
+            self.requests_served += 1
+            self._write(c, first=True)
+
+    def _write(self, c: _Conn, first: bool = False) -> None:
+        try:
+            c.sent += c.sock.send(c.out[c.sent :])
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(c)
+            return
+        if c.sent >= len(c.out):
+            self._close(c)
+        elif first:
+            self._sel.register(c.sock, selectors.EVENT_WRITE, c)
+
+    def _close(self, c: _Conn) -> None:
+        if self._conns.pop(c.sock, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):  # not registered while queued
+            self._sel.unregister(c.sock)
+        c.sock.close()
+
+    # -- what to answer -------------------------------------------------------------------
+
+    def _response(self, method: str, target: str) -> bytes:
+        if method == "":  # unparsable request: target holds the status code
+            code = int(target)
+            return _http(code, b"bad request\n", "text/plain", head=False)
+        if method not in ("GET", "HEAD"):
+            return _http(
+                405, b"only GET and HEAD\n", "text/plain", head=False, extra="Allow: GET, HEAD\r\n"
+            )
+        head = method == "HEAD"
+        path = target.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                return _http(200, self._metrics_body(), CONTENT_TYPE_LATEST, head)
+            if path in ("/healthz", "/readyz"):
+                st = self._state
+                ok, facts = st.liveness() if path == "/healthz" else st.readiness()
+                body = json.dumps({"ok": ok, **facts}).encode()
+                return _http(200 if ok else 503, body, "application/json", head)
+        except Exception as e:  # a broken collector must not take the endpoint down
+            log.exception("health endpoint: %s failed", path)
+            return _http(500, f"{type(e).__name__}: {e}\n".encode(), "text/plain", head)
+        return _http(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain", head)
+
+    def _metrics_body(self) -> bytes:
+        now = time.monotonic()
+        if self._metrics is None or now - self._metrics[0] > self._metrics_max_age:
+            self._metrics = (now, generate_latest(self._registry))
+        return self._metrics[1]
+
+
+def _http(code: int, body: bytes, ctype: str, head: bool, extra: str = "") -> bytes:
+    """A whole HTTP/1.1 response; for HEAD, the same headers and no body."""
+    status = (
+        f"HTTP/1.1 {code} {_REASONS.get(code, '')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        f"Cache-Control: no-store\r\nConnection: close\r\n{extra}\r\n"
+    ).encode("latin-1")
+    return status if head else status + body
