@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import gzip
 import json
 import multiprocessing
@@ -37,6 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from detector import fit_threshold
+from detector.offline import score_rows
+from detector.smoothing import ewma_series
 from trainer.config import apply_overrides, from_mapping
 from trainer.data import read_csv, select
 from trainer.evaluate import confusion, rates
@@ -125,19 +129,31 @@ def _worker_init() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def _one(path: Path, doc: dict[str, Any], ks: tuple[float, ...]) -> dict[str, Any]:
+def _one(
+    path: Path, doc: dict[str, Any], ks: tuple[float, ...], alphas: tuple[float, ...] = ()
+) -> dict[str, Any]:
     """Train on rows [0, 400) of one experiment, score the rest; confusion counts per k."""
     t0 = time.perf_counter()
     res = train(from_mapping(doc), save=False)
     _, x, y = load_experiment(path)
-    x_test, y_test = x[TRAIN_ROWS:], y[TRAIN_ROWS:]
-    score = res.detector.score(x_test).score
-    t = res.detector.threshold
+    det = res.detector
+    y_test = y[TRAIN_ROWS:]
+    # A windowed model scores test row 400 with the window ending there: its w - 1 earlier
+    # readings are the end of the training part, as in a worker that kept its per-device
+    # buffer. Smoothing (if any) starts fresh at the first test row.
+    ctx = det.window - 1
+    rs = score_rows(det, x[TRAIN_ROWS - ctx :])
+    score = rs.decision[ctx:]
+    assert rs.scored[ctx:].all()
+    t = det.threshold
     row: dict[str, Any] = {
         "file": f"{path.parent.name}/{path.name}",
         "test_rows": len(y_test),
         "anomalous": int(y_test.sum()),
         "epochs": len(res.history.loss),
+        "stopped_at_cap": not res.history.stopped_early,
+        "window": det.window,
+        "ewma_alpha": det.ewma_alpha,
         "dropped": res.metrics["data"]["dropped_columns"],
         "threshold_k2": t.error_mean + 2 * t.error_std,
     }
@@ -145,11 +161,35 @@ def _one(path: Path, doc: dict[str, Any], ks: tuple[float, ...]) -> dict[str, An
         # A NaN score (none expected: SKAB has no gaps) counts as flagged.
         flagged = ~(score <= t.error_mean + k * t.error_std)
         row[f"k={k:g}"] = rates(confusion(flagged, y_test)) | confusion(flagged, y_test)
+    if alphas:
+        # Sensitivity to smoothing, same fitted models: the raw scores of the holdout (the
+        # last 60 of the 400 rows) and of the test part, smoothed with each alpha; the
+        # threshold is re-fitted on the smoothed holdout exactly as the trainer does.
+        raw = dataclasses.replace(det, ewma_alpha=None)
+        hold = res.splits.holdout
+        h0 = int(hold.min())
+        hold_raw = score_rows(raw, x[h0 - ctx : TRAIN_ROWS]).score[ctx:]
+        test_raw = score_rows(raw, x[TRAIN_ROWS - ctx :]).score[ctx:]
+        for a in alphas:
+            hs = hold_raw if a == 1 else ewma_series(hold_raw, a)
+            ts = test_raw if a == 1 else ewma_series(test_raw, a)
+            for k in ks:
+                thr = fit_threshold(hs, "mean_k_std", k).value
+                flagged = ~(ts <= thr)
+                row[f"alpha={a:g},k={k:g}"] = rates(confusion(flagged, y_test)) | confusion(
+                    flagged, y_test
+                )
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
 
-def run_ours(skab: Path, overrides: list[str], ks: tuple[float, ...], jobs: int) -> dict[str, Any]:
+def run_ours(
+    skab: Path,
+    overrides: list[str],
+    ks: tuple[float, ...],
+    jobs: int,
+    alphas: tuple[float, ...] = (),
+) -> dict[str, Any]:
     """Train and score all 34 experiments (``jobs`` processes); pooled and per-file results."""
     import yaml
 
@@ -175,7 +215,7 @@ def run_ours(skab: Path, overrides: list[str], ks: tuple[float, ...], jobs: int)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
             futures = [
-                pool.submit(_one, skab / "data" / exp, doc, ks)
+                pool.submit(_one, skab / "data" / exp, doc, ks, alphas)
                 for exp, doc in zip(EXPERIMENTS, docs, strict=True)
             ]
             per_file = []
@@ -190,11 +230,10 @@ def run_ours(skab: Path, overrides: list[str], ks: tuple[float, ...], jobs: int)
                     file=sys.stderr,
                     flush=True,
                 )
+    keys = [key for key in per_file[0] if key.startswith(("k=", "alpha="))]
     pooled_k = {
-        f"k={k:g}": pooled(
-            [{c: row[f"k={k:g}"][c] for c in ("tp", "fp", "fn", "tn")} for row in per_file]
-        )
-        for k in ks
+        key: pooled([{c: row[key][c] for c in ("tp", "fp", "fn", "tn")} for row in per_file])
+        for key in keys
     }
     return {
         "per_file": per_file,
@@ -210,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--k", type=float, action="append", help="threshold k values (default 2, 3)")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument(
+        "--alphas",
+        default="",
+        help="also report these EWMA alphas (comma list; 1 = unsmoothed) on the same models",
+    )
     p.add_argument("--check-only", action="store_true", help="only verify the metric code")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     args = p.parse_args(argv)
@@ -251,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_only:
         return 0
 
-    ours = run_ours(args.skab, args.overrides, ks, args.jobs)
+    alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
+    ours = run_ours(args.skab, args.overrides, ks, args.jobs, alphas)
     print(f"\nour dense autoencoder ({ours['seconds']:.0f} s for {len(EXPERIMENTS)} models):\n")
     print("| threshold | F1 | FAR % | MAR % | TP | FP | FN | TN |")
     print("|---|---|---|---|---|---|---|---|")
     for key, m in ours["pooled"].items():
         print(
-            f"| mean + {key[2:]}·std | {m['f1']:.2f} | {m['far_pct']:.2f} | {m['mar_pct']:.2f} | "
+            f"| {key} | {m['f1']:.2f} | {m['far_pct']:.2f} | {m['mar_pct']:.2f} | "
             f"{m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} |"
         )
     if args.json:
