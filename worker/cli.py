@@ -7,6 +7,7 @@ Exit codes: 0 clean stop, 2 bad configuration or model, 3 broker outage past the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,16 +22,36 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from detector import ArtifactError
+from worker import __version__
 from worker.config import ConfigError, WorkerConfig, load_config
-from worker.health import HealthServer, HealthState
-from worker.loop import GiveUp, Worker
+from worker.health import HealthServer
+from worker.identity import resolve_instance_id
+from worker.logs import setup_logging
+from worker.loop import GiveUp, StartupError, Worker
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource
 from worker.pipeline import Scorer
 from worker.records import SimpleRecord
+from worker.status import WorkerStatus
 
 log = logging.getLogger("worker")
 STOP_GRACE_S = 30.0
+
+
+class HealthServerError(RuntimeError):
+    """The metrics/health port cannot be bound (exit 2)."""
+
+
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    # Accepted before and after the subcommand (`anomaly-worker run --config x.yaml`).
+    default = None if top else argparse.SUPPRESS
+    p.add_argument("--config", type=Path, default=default, help="YAML config file")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=default,
+        help="score with this artifact directory (sets model.path; no registry reloads)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,16 +59,23 @@ def _parser() -> argparse.ArgumentParser:
         prog="anomaly-worker",
         description="Score sensor readings from Kafka with a trained autoencoder and publish "
         "anomaly events. Settings come from --config and SENSOR_ANOMALY_<SECTION>__<KEY> "
-        "environment variables (see README: Configuration).",
+        "environment variables (see README: Configuration). Exit codes: 0 clean stop, "
+        "2 bad configuration, model, input or start-up condition, 3 broker unreachable past "
+        "kafka.outage_give_up_s, 1 a bug.",
     )
-    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common(p, top=True)
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="consume, score, publish (the default)")
-    sub.add_parser("check-config", help="validate the config and model, print them, exit")
+    _common(sub.add_parser("run", help="consume, score, publish (the default)"), top=False)
+    _common(
+        sub.add_parser("check-config", help="validate the config and model, print them, exit"),
+        top=False,
+    )
     sf = sub.add_parser(
         "score-file",
         help="score JSON Lines readings from a file or stdin, write events as JSON Lines",
     )
+    _common(sf, top=False)
     sf.add_argument(
         "--input", default="-", help="readings file, one JSON reading a line (- = stdin)"
     )
@@ -57,23 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
+        if args.model is not None:
+            cfg = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, path=str(args.model))
+            )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     command = args.command or "run"
     try:
         if command == "check-config":
@@ -83,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "score-file":
             return score_file(cfg, args.input, args.output, args.dead_letters, args.batch)
         return run_worker(cfg)
-    except ArtifactError as e:
+    except (ArtifactError, StartupError, HealthServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -93,23 +116,37 @@ def run_worker(cfg: WorkerConfig) -> int:
     # Until the loop runs there is nothing to finish or commit: a stop request exits at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: sys.exit(0))
-    log.info("starting with config %s", json.dumps(cfg.masked(), sort_keys=True))
+    try:
+        instance_id = resolve_instance_id(cfg.kafka.instance_id, cfg.kafka.group_id)
+    except OSError as e:
+        raise StartupError(
+            f"cannot pick an instance id ({e}); set kafka.instance_id or "
+            "SENSOR_ANOMALY_LOCK_DIR to a writable directory"
+        ) from None
+    log.info(
+        "starting %s (instance %s) with config %s",
+        __version__,
+        instance_id,
+        json.dumps(cfg.masked(), sort_keys=True),
+        extra={"instance_id": instance_id},
+    )
     registry = CollectorRegistry()
     metrics = WorkerMetrics.create(registry)
-    health = HealthState()
+    health = WorkerStatus(rejoin_stuck_s=cfg.kafka.rejoin_stuck_s)
     models = ModelSource(cfg.model)
+    # Fail fast on a missing/broken model before binding ports or joining the group.
+    first = models.load_initial()
     server = None
     if cfg.http.enabled:
-        server = HealthServer(cfg.http.host, cfg.http.port, registry, health).start()
+        server = _start_server(cfg, registry, health)
         log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", *server.address)
-    worker = Worker(cfg, metrics, health, models)
-    # Fail fast on a missing/broken model before joining the group.
-    worker.set_detector(models.load_initial())
+    worker = Worker(cfg, metrics, health, models, instance_id=instance_id)
+    worker.set_detector(first)
 
     def on_signal(signum: int, _frame: Any) -> None:
         if worker._stop:  # second signal: the operator insists
             log.error("second %s: exiting now", signal.Signals(signum).name)
-            sys.exit(1)
+            os._exit(1)
         log.info("%s received: finishing the current batch", signal.Signals(signum).name)
         worker.stop()
         # Bound the shutdown even if the broker is gone.
@@ -123,6 +160,11 @@ def run_worker(cfg: WorkerConfig) -> int:
         worker.run()
     except GiveUp as e:
         log.error("giving up: %s", e)
+        print(
+            f"error: {e}; check the broker at {cfg.kafka.bootstrap_servers} "
+            "(and kafka.bootstrap_servers, TLS/SASL settings)",
+            file=sys.stderr,
+        )
         return 3
     finally:
         if server is not None:
@@ -131,6 +173,16 @@ def run_worker(cfg: WorkerConfig) -> int:
         "stopped cleanly after %d batches, %d readings", worker.batches_done, worker.readings_done
     )
     return 0
+
+
+def _start_server(cfg: WorkerConfig, registry: CollectorRegistry, health: WorkerStatus) -> Any:
+    try:
+        return HealthServer(cfg.http.host, cfg.http.port, registry, health).start()
+    except OSError as e:
+        raise HealthServerError(
+            f"cannot listen on {cfg.http.host}:{cfg.http.port} ({e.strerror}); set http.port "
+            "(SENSOR_ANOMALY_HTTP__PORT) to a free port or stop what uses it"
+        ) from None
 
 
 def _force_exit(grace: float) -> None:
@@ -150,9 +202,17 @@ def score_file(cfg: WorkerConfig, inp: str, out: str, dead: str, batch: int) -> 
     """Backfill/offline check: the same Scorer the Kafka loop uses, on JSON Lines."""
     det = ModelSource(cfg.model).load_initial()
     scorer = Scorer(det, cfg.reading, cfg.events)
-    src = sys.stdin.buffer if inp == "-" else open(inp, "rb")  # noqa: SIM115
-    dst = sys.stdout.buffer if out == "-" else open(out, "wb")  # noqa: SIM115
-    dlq = open(dead, "wb") if dead else None  # noqa: SIM115
+    try:
+        src = sys.stdin.buffer if inp == "-" else open(inp, "rb")  # noqa: SIM115
+    except OSError as e:
+        print(f"error: cannot read --input {inp}: {e.strerror}; check the path", file=sys.stderr)
+        return 2
+    try:
+        dst = sys.stdout.buffer if out == "-" else open(out, "wb")  # noqa: SIM115
+        dlq = open(dead, "wb") if dead else None  # noqa: SIM115
+    except OSError as e:
+        print(f"error: cannot write {e.filename}: {e.strerror}; check the path", file=sys.stderr)
+        return 2
     name = "stdin" if inp == "-" else Path(inp).name
     n = n_events = n_dead = 0
     t0 = time.perf_counter()

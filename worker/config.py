@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,12 @@ class KafkaSettings:
     client_id: str = "sensor-anomaly-worker"
     # Identifies this worker across restarts: exactly-once derives its transactional id
     # from it, so a restarted instance fences (and aborts) its predecessor's transaction.
-    instance_id: str = field(default_factory=socket.gethostname)
+    # Empty = automatic (worker.identity): "<host name>-<slot>", the slot being the lowest
+    # number whose lock file no running worker of this group on this host holds. Unique
+    # among live instances (two workers on one host no longer fence each other), stable
+    # across restarts (a restarted single instance takes slot 0 again; in Kubernetes the
+    # host name is the pod name, so a StatefulSet pod keeps its id).
+    instance_id: str = ""
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str = "sensor-anomaly"
     transaction_timeout_ms: int = 30000
@@ -51,7 +55,11 @@ class KafkaSettings:
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
-    max_poll_interval_ms: int = 300000
+    # Also the group's rebalance timeout: a rebalance waits this long for every member
+    # to rejoin. The loop never blocks longer than request_timeout_ms between polls, so
+    # 60 s is ample and bounds how long one slow member can hold the whole group at 0
+    # partitions (the Java default of 300 s kept restarted workers idle for minutes).
+    max_poll_interval_ms: int = 60000
     # How long the broker may hold a fetch waiting for data. With read_committed, fetches
     # often wait it out in full, so it bounds latency (docs/benchmarks.md): keep it small.
     fetch_max_wait_ms: int = 10
@@ -75,6 +83,14 @@ class KafkaSettings:
     # Give up (exit non-zero, so an orchestrator restarts us) after the broker has been
     # unreachable this long.
     outage_give_up_s: float = 300.0
+    # Create missing output / dead-letter topics at start (admin API). Partitions 0 = as
+    # many as the first input topic; replication -1 = the broker's default.
+    create_topics: bool = True
+    topic_partitions: int = 0
+    topic_replication: int = -1
+    # Liveness fails when the consumer has not been a stable group member for this long
+    # (a join that never completes): an orchestrator then restarts the worker.
+    rejoin_stuck_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,9 @@ class WorkerConfig:
     events: EventSettings = field(default_factory=EventSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # text: human-readable lines; json: one JSON object a line (time, level, logger,
+    # message and structured fields), for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     def masked(self) -> dict[str, Any]:
         """The config as a dict with secrets replaced by ``***`` (for the start-up log)."""
@@ -173,6 +192,12 @@ _RANGES: dict[str, tuple[float, float]] = {
     "kafka.transaction_timeout_ms": (1000, 900_000),
     "kafka.commit_interval_ms": (0, 60_000),
     "kafka.reconnect_backoff_max_ms": (50, 60_000),
+    "kafka.topic_partitions": (0, 100_000),
+    "kafka.topic_replication": (-1, 100),
+    "kafka.rejoin_stuck_s": (5, 86_400),
+    "kafka.max_poll_interval_ms": (1000, 3_600_000),
+    "kafka.session_timeout_ms": (1000, 3_600_000),
+    "kafka.request_timeout_ms": (1000, 3_600_000),
 }
 
 
@@ -348,11 +373,17 @@ def _cross_check(cfg: WorkerConfig) -> None:
         )
     if k.sasl_mechanism and not k.security_protocol.startswith("SASL"):
         raise ConfigError("kafka.sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
-    if k.security_protocol.startswith("SASL") and not (k.sasl_mechanism and k.sasl_username):
+    if k.security_protocol.startswith("SASL") and not (
+        k.sasl_mechanism and k.sasl_username and k.sasl_password
+    ):
         raise ConfigError(
-            "SASL needs kafka.sasl_mechanism and the username/password in "
+            "SASL needs kafka.sasl_mechanism and the username and password in "
             f"{ENV_PREFIX}KAFKA__SASL_USERNAME / {ENV_PREFIX}KAFKA__SASL_PASSWORD"
         )
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(k, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"kafka.{name}: {value} is not a readable file; fix the path")
     if not cfg.model.path and not cfg.model.registry:
         raise ConfigError("set model.registry (and model.name) or model.path")
     if k.heartbeat_interval_ms >= k.session_timeout_ms:

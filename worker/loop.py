@@ -6,12 +6,15 @@ always before a rebalance, a model switch and a shutdown):
 
 At least once (default):
     1. score the batch (pure; bad records become dead letters, never exceptions);
-    2. send every event and dead letter of the batch to the producer (asynchronously);
+    2. send every event and dead letter of the batch to the producer (asynchronously); if a
+       send raises, the batch is marked for re-sending: nothing after it is trusted;
     3. flush the producer and check every send since the last commit was acknowledged
-       (``acks=all``, idempotent producer); if any failed, nothing is committed and all
-       those outputs are sent again after a back-off (duplicates carry the same
-       ``event_id``);
-    4. commit each partition's offset (one past its last scored record) synchronously;
+       (``acks=all``, idempotent producer); if any failed or was never handed over, nothing
+       is committed and *all* outputs since the last commit are sent again after a back-off
+       (duplicates carry the same ``event_id``), until acknowledged, a stop request (left
+       uncommitted: the next owner replays) or ``kafka.outage_give_up_s`` (exit 3);
+    4. check this member still holds a valid group generation, then commit each
+       partition's offset (one past its last scored record) synchronously;
     5. only then update metrics.
     A crash anywhere before 4 replays the uncommitted batches after restart; nothing is
     skipped.
@@ -19,21 +22,28 @@ At least once (default):
 Exactly once (``kafka.delivery = exactly_once``):
     1. score the batch;
     2. (begin a transaction if none is open) send events and dead letters in it;
-    3. add the offsets to the transaction with the consumer's group metadata (KIP-447
-       fencing of zombie instances);
-    4. commit the transaction; on an abortable error abort it and send the same outputs
-       again in a new transaction (the scored batches are kept until committed); a fatal
-       error (fenced) exits;
+    3. check this member still holds a valid group generation, then add the offsets to the
+       transaction with the consumer's group metadata (KIP-447 fencing of zombies);
+    4. commit the transaction, waiting at most ``kafka.request_timeout_ms``;
     5. only then update metrics.
-    Readers of the output topics must use ``isolation.level=read_committed``.
+    Any failure in 2-4 (abortable, fatal, fenced, or a commit whose outcome is unknown)
+    takes one path: drop every held batch, re-create the producer (``init_transactions``
+    completes or aborts the open transaction on the broker, so nothing of it can become
+    visible later), seek every owned partition back to its *committed* offset, and score
+    again. Outputs are deterministic, so readers see each output exactly once whichever way
+    the open transaction went; we never re-send a transaction's outputs while its outcome
+    is unknown. Readers of the output topics must use ``isolation.level=read_committed``.
 
-If a commit fails because our partitions were reassigned, the uncommitted batches are
-dropped and the consumer rewinds to their first offsets: the new owner replays them.
+Group membership: a member that has lost its generation (evicted after a stall: a zombie)
+commits nothing: ``on_partitions_lost`` and the generation check in step 3/4 drop its
+batches (and, exactly-once, abort its transaction by re-initialising), leaving them to the
+partitions' new owner. If a commit fails because our partitions were reassigned, the
+uncommitted batches are dropped and the consumer rewinds to their first offsets.
 Rebalance: everything held is delivered and committed in ``on_partitions_revoked``
 (an async listener: kafka-python runs it on its I/O thread) before the partitions move,
 so a rebalance loses nothing and, when that commit succeeds, duplicates nothing.
-Shutdown: after a stop request the open batch is scored, delivered and committed, and the
-clients closed.
+Shutdown: after a stop request the open batch is scored, delivered and committed (one
+bounded attempt), and the clients closed.
 """
 
 from __future__ import annotations
@@ -52,21 +62,19 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from detector import ArtifactError, Detector
-from worker.config import WorkerConfig, kafka_security_kwargs
-from worker.health import HealthState
+from worker.clients import kafka_python as kp
+from worker.clients.kafka_python import StartupError, build_consumer, build_producer
+from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource, trained_timestamp
 from worker.pipeline import BatchResult, Scorer
 from worker.records import OutputMessage
+from worker.status import WorkerStatus
+
+__all__ = ["GiveUp", "StartupError", "Worker", "build_consumer", "build_producer"]
 
 log = logging.getLogger(__name__)
 
-_FATAL_PRODUCER_ERRORS = (
-    "ProducerFencedError",
-    "InvalidProducerEpochError",
-    "TransactionalIdAuthorizationFailedError",
-    "AuthorizationError",
-)
 _REASSIGNED_ERRORS = frozenset(
     {
         "CommitFailedError",
@@ -76,8 +84,11 @@ _REASSIGNED_ERRORS = frozenset(
         "FencedInstanceIdError",
     }
 )
+_AUTH_ERRORS = ("Authentication", "Authorization", "SaslAuthentication")
 # Leave room for headers and the record overhead under the producer's request limit.
 _DLQ_VALUE_MARGIN = 16_384
+# Stop-time operations must fit the CLI's 30 s grace with room for closing the clients.
+_STOP_OP_TIMEOUT_S = 8.0
 
 
 class GiveUp(RuntimeError):
@@ -89,48 +100,12 @@ class DeliveryFailed(KafkaError):  # type: ignore[misc]
     """Some outputs of a batch were not acknowledged."""
 
 
-def build_consumer(cfg: WorkerConfig) -> KafkaConsumer:
-    k = cfg.kafka
-    return KafkaConsumer(
-        bootstrap_servers=k.bootstrap_servers.split(","),
-        group_id=k.group_id,
-        client_id=f"{k.client_id}-{k.instance_id}",
-        enable_auto_commit=False,
-        auto_offset_reset=k.auto_offset_reset,
-        # Inputs may be written transactionally; never score aborted records.
-        isolation_level="read_committed",
-        max_poll_records=cfg.batch.max_size,
-        session_timeout_ms=k.session_timeout_ms,
-        heartbeat_interval_ms=k.heartbeat_interval_ms,
-        max_poll_interval_ms=k.max_poll_interval_ms,
-        fetch_max_wait_ms=k.fetch_max_wait_ms,
-        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-        fetch_max_bytes=k.fetch_max_bytes,
-        request_timeout_ms=max(k.request_timeout_ms, k.session_timeout_ms + 5000),
-        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
-        **kafka_security_kwargs(k),
-    )
+class _Reassigned(Exception):
+    """This member holds no valid generation: its partitions belong to someone else."""
 
 
-def build_producer(cfg: WorkerConfig) -> KafkaProducer:
-    k = cfg.kafka
-    extra: dict[str, Any] = {}
-    if k.delivery == "exactly_once":
-        extra["transactional_id"] = f"{k.transactional_id_prefix}-{k.group_id}-{k.instance_id}"
-        extra["transaction_timeout_ms"] = k.transaction_timeout_ms
-    if k.compression_type != "none":
-        extra["compression_type"] = k.compression_type
-    return KafkaProducer(
-        bootstrap_servers=k.bootstrap_servers.split(","),
-        client_id=f"{k.client_id}-{k.instance_id}",
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=k.linger_ms,
-        request_timeout_ms=k.request_timeout_ms,
-        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
-        **extra,
-        **kafka_security_kwargs(k),
-    )
+class _Abandoned(Exception):
+    """A stop was requested while outputs could not be delivered: leave them uncommitted."""
 
 
 @dataclass
@@ -154,6 +129,10 @@ class _Uncommitted:
     first_offset: dict[TopicPartition, int] = field(default_factory=dict)
     started: float = 0.0
     in_transaction: bool = False
+    # At least once: some output was not handed to the producer; re-send all before commit.
+    resend: bool = False
+    # Exactly once: a send or begin failed; the transaction cannot be committed.
+    failed: BaseException | None = None
 
     def add(self, pending: _Pending, n: int, result: BatchResult) -> None:
         if not self.results:
@@ -167,6 +146,10 @@ class _Uncommitted:
         return {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.next_offset.items()}
 
 
+def _is_auth_error(e: BaseException) -> bool:
+    return any(a in type(e).__name__ for a in _AUTH_ERRORS)
+
+
 class Worker:
     """One consumer-group member. Build with clients (or let ``run`` build them)."""
 
@@ -174,15 +157,17 @@ class Worker:
         self,
         cfg: WorkerConfig,
         metrics: WorkerMetrics,
-        health: HealthState,
+        health: WorkerStatus,
         models: ModelSource,
-        consumer_factory: Callable[[WorkerConfig], KafkaConsumer] = build_consumer,
-        producer_factory: Callable[[WorkerConfig], KafkaProducer] = build_producer,
+        consumer_factory: Callable[[WorkerConfig, str], KafkaConsumer] = build_consumer,
+        producer_factory: Callable[[WorkerConfig, str], KafkaProducer] = build_producer,
+        instance_id: str = "",
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.health = health
         self.models = models
+        self.instance_id = instance_id or cfg.kafka.instance_id or "worker"
         self._consumer_factory = consumer_factory
         self._producer_factory = producer_factory
         self._stop = False
@@ -193,6 +178,10 @@ class Worker:
         self._unc = _Uncommitted()
         self._eos = cfg.kafka.delivery == "exactly_once"
         self._outage_since: float | None = None
+        # Exactly once: the producer must be re-created before the next transaction
+        # (set where re-creating is impossible: the rebalance listener's thread).
+        self._needs_reset: str = ""
+        self._delivery_failures = 0
         self.batches_done = 0
         self.readings_done = 0
 
@@ -223,48 +212,141 @@ class Worker:
 
         Raises:
             GiveUp: the broker was unreachable for longer than ``kafka.outage_give_up_s``.
-            KafkaError: a fatal producer error (fenced by a newer instance).
+            StartupError: a condition the user must fix (authentication, topics).
         """
         if self.scorer is None:
             self.set_detector(self.models.load_initial())
-        self.producer = self._producer_factory(self.cfg)
-        if self._eos:
-            self.producer.init_transactions()
-        self.consumer = self._consumer_factory(self.cfg)
-        self.consumer.subscribe(list(self.cfg.kafka.input_topics), listener=_Listener(self))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         next_housekeeping = 0.0
         try:
+            if not self._start():
+                return  # stopped during start-up
             while not self._stop:
                 if max_batches is not None and self.batches_done >= max_batches:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 self.health.beat()
+                if self._needs_reset:
+                    self._reset_eos(self._needs_reset)
+                    continue
                 self._poll_once()
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self._housekeeping()
                     next_housekeeping = now + min(5.0, self.cfg.model.reload_interval_s)
             # Stop requested: finish what we hold, deliver and commit it.
-            self._flush_all()
+            with contextlib.suppress(_Abandoned):
+                if not self._needs_reset:
+                    self._flush_all()
         finally:
             self.close()
+
+    def _start(self) -> bool:
+        """Check topics, build the clients, subscribe. False if stopped meanwhile.
+
+        Broker trouble is retried with back-off until ``kafka.outage_give_up_s`` (GiveUp);
+        authentication and topic problems are :class:`StartupError` (the user must act).
+        """
+        k = self.cfg.kafka
+        reported: set[str] = set()
+        backoff = 0.5
+        while True:
+            if self._stop:
+                return False
+            self.health.beat()
+            try:
+                missing = kp.ensure_topics(self.cfg, timeout_ms=min(k.request_timeout_ms, 5000))
+                if not missing:
+                    self.health.update(problem="")
+                    break
+                problem = f"input topic(s) {', '.join(missing)} do not exist"
+                if problem not in reported:
+                    log.error(
+                        "%s; waiting for them (create them or fix kafka.input_topics)", problem
+                    )
+                    reported.add(problem)
+                self.health.update(problem=problem, broker_ok=True)
+                self._sleep(5.0)
+            except StartupError:
+                raise
+            except KafkaError as e:
+                if _is_auth_error(e):
+                    raise StartupError(_auth_message(e)) from None
+                self._kafka_error("start-up", e, quiet="start-up" in reported)
+                reported.add("start-up")
+                self._check_give_up()
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self._outage_over()
+        self.producer = self._producer_factory(self.cfg, self.instance_id)
+        if self._eos and not self._init_transactions(self.producer):
+            return False
+        self.consumer = self._consumer_factory(self.cfg, self.instance_id)
+        self._await_input_metadata()
+        self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
+        return True
+
+    def _await_input_metadata(self) -> None:
+        """Have the consumer's metadata cache hold the input topics before it joins.
+
+        The group leader assigns from its own cache: a first join before the cache knows a
+        topic assigns none of its partitions, and kafka-python notices only at the next
+        metadata refresh (``metadata_max_age_ms``, 5 min by default) — the "restarted
+        worker holds 0 partitions for minutes" defect.
+        """
+        assert self.consumer is not None
+        deadline = time.monotonic() + 15.0
+        while not self._stop and time.monotonic() < deadline:
+            self.health.beat()
+            try:
+                if all(self.consumer.partitions_for_topic(t) for t in self.cfg.kafka.input_topics):
+                    return
+            except KafkaError as e:
+                self._kafka_error("metadata", e, quiet=True)
+            time.sleep(0.2)
+        log.warning("input topic metadata not loaded before joining; assignment may lag")
+
+    def _init_transactions(self, producer: KafkaProducer) -> bool:
+        """``init_transactions`` with retries (it waits ``max_block_ms`` per attempt)."""
+        backoff = 0.2
+        while True:
+            if self._stop:
+                return False
+            self.health.beat()
+            try:
+                producer.init_transactions()
+                return True
+            except KafkaError as e:
+                if _is_auth_error(e):
+                    raise StartupError(_auth_message(e)) from None
+                self._kafka_error("init_transactions", e)
+                self._check_give_up()
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep in small steps, returning early on a stop request."""
+        end = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < end:
+            self.health.beat()
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
     def close(self) -> None:
         if self.consumer is not None:
             try:
-                self.consumer.close(autocommit=False)
+                self.consumer.close(autocommit=False, timeout_ms=5000)
             except Exception:
                 log.exception("error closing consumer")
             self.consumer = None
         if self.producer is not None:
             try:
-                self.producer.close(timeout=10)
+                self.producer.close(timeout=5)
             except Exception:
                 log.exception("error closing producer")
             self.producer = None
-        self.health.update(assigned_partitions=0)
+        self.health.update(assigned_partitions=0, assignment=())
+        self.health.set_member(False)
         self.metrics.ready.set(0)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -300,6 +382,8 @@ class Worker:
             pending.next_offset[tp] = recs[-1].offset + 1
             pending.first_offset.setdefault(tp, recs[0].offset)
             self.metrics.on_consumed(tp.topic, len(recs))
+        if self._needs_reset:
+            return  # the reset drops what we hold and rewinds; deliver nothing before it
         now = time.monotonic()
         if pending.records and (
             len(pending.records) >= b.max_size or (now - pending.started) * 1000 >= b.max_wait_ms
@@ -323,89 +407,216 @@ class Worker:
             return
         assert self.scorer is not None and self.producer is not None
         result = self.scorer.process(pending.records)  # step 1
-        if self._eos and not self._unc.in_transaction:
-            self._begin()
-        self._unc.add(pending, len(pending.records), result)
+        unc = self._unc
+        if self._eos and not unc.in_transaction and unc.failed is None:
+            try:
+                self.producer.begin_transaction()
+                unc.in_transaction = True
+            except KafkaError as e:
+                unc.failed = e
+        unc.add(pending, len(pending.records), result)
+        if unc.resend or unc.failed is not None:
+            return  # the commit step re-sends (ALO) or resets (EOS) everything held
         try:
-            self._unc.futures += self._send_all(result)  # step 2
+            self._send_all(result, unc.futures)  # step 2
         except KafkaError as e:
-            # A send can fail synchronously (buffer full, broker gone); _commit re-sends.
+            # A send can fail synchronously (metadata timeout, buffer full, broker gone):
+            # the futures created so far are kept, but the batch counts as not handed over.
             self._kafka_error("send", e)
-
-    def _begin(self) -> None:
-        assert self.producer is not None
-        self.producer.begin_transaction()
-        self._unc.in_transaction = True
+            self.health.update(delivery_ok=False)
+            if self._eos:
+                unc.failed = e
+            else:
+                unc.resend = True
 
     def _commit(self) -> None:
         """Steps 3-5 for every uncommitted batch; see the module docstring."""
-        assert self.consumer is not None and self.producer is not None
+        if self._eos:
+            self._commit_eos()
+        else:
+            self._commit_alo()
+
+    def _op_timeout_s(self) -> float:
+        if self._stop:
+            return _STOP_OP_TIMEOUT_S
+        return self.cfg.kafka.request_timeout_ms / 1000
+
+    def _commit_alo(self) -> None:
+        assert self.consumer is not None
         unc = self._unc
-        backoff = 0.1
+        backoff = 0.2
         while True:
             try:
-                if self._eos:
-                    if not unc.in_transaction:  # aborted after an error: send again
-                        self._begin()
-                        unc.futures = [f for _, r in unc.results for f in self._send_all(r)]
-                    self.producer.send_offsets_to_transaction(  # step 3 (EOS)
-                        unc.offsets(), self.consumer.group_metadata()
-                    )
-                    self.producer.commit_transaction()  # step 4 (EOS)
-                    unc.in_transaction = False
-                else:
-                    self._wait_acknowledged(unc.futures)  # step 3
-                    self.consumer.commit(offsets=unc.offsets())  # step 4
+                if unc.resend:
+                    unc.futures = []
+                    for _, r in unc.results:
+                        self._send_all(r, unc.futures)
+                    unc.resend = False
+                self._wait_acknowledged(unc.futures)  # step 3
+                self._delivery_failures = 0
+                self.health.update(delivery_ok=True)
+                if kp.membership(self.consumer) is None:
+                    raise _Reassigned("this member holds no valid group generation")
+                self.consumer.commit(  # step 4
+                    offsets=unc.offsets(), timeout_ms=int(self._op_timeout_s() * 1000)
+                )
                 self._outage_over()
                 break
+            except _Reassigned as e:
+                self._drop_reassigned(str(e))
+                return
             except KafkaError as e:
                 name = type(e).__name__
-                if name in _FATAL_PRODUCER_ERRORS:
-                    raise
-                self._kafka_error("commit", e)
-                if self._eos:
-                    self._abort_quietly()
-                    unc.in_transaction = False
                 if name in _REASSIGNED_ERRORS:
-                    # Our partitions moved: the new owner replays from the last commit.
-                    log.warning("batch not committed, partitions were reassigned (%s)", name)
-                    self._rewind(unc.first_offset)
-                    self._unc = _Uncommitted()
+                    self._drop_reassigned(name)
                     return
+                self._kafka_error("commit", e)
+                if isinstance(e, DeliveryFailed | KafkaTimeoutError) or unc.resend:
+                    unc.resend = True
+                    self.health.update(delivery_ok=False)
+                    self._delivery_failures += 1
+                    if self._delivery_failures % 5 == 0:
+                        self._recreate_alo_producer()
+                if self._stop:
+                    log.warning(
+                        "stopping with %d scored batch(es) not delivered (%s); they are "
+                        "not committed and will be processed again",
+                        len(unc.results),
+                        name,
+                    )
+                    self._unc = _Uncommitted()
+                    raise _Abandoned() from None
                 self._check_give_up()
                 log.warning("delivery failed (%s: %s); retrying in %.1fs", name, e, backoff)
-                time.sleep(backoff)
+                self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                if not self._eos:
-                    unc.futures = [f for _, r in unc.results for f in self._send_all(r)]
         self._unc = _Uncommitted()
         self._after_commit(unc)  # step 5
 
+    def _recreate_alo_producer(self) -> None:
+        """An idempotent producer can stay in an error state; start afresh."""
+        old, self.producer = self.producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close(timeout=0)
+        log.warning("re-creating the producer after repeated delivery failures")
+        self.producer = self._producer_factory(self.cfg, self.instance_id)
+
+    def _commit_eos(self) -> None:
+        assert self.consumer is not None and self.producer is not None
+        unc = self._unc
+        if unc.failed is not None:
+            self._reset_eos(f"a send failed ({type(unc.failed).__name__}: {unc.failed})")
+            return
+        gm = kp.membership(self.consumer)
+        if gm is None:
+            self._abort_or_reset()
+            self._drop_reassigned("this member holds no valid group generation")
+            return
+        t = self._op_timeout_s()
+        try:
+            kp.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)  # step 3
+            kp.commit_transaction(self.producer, t)  # step 4
+        except KafkaError as e:
+            name = type(e).__name__
+            if name in _REASSIGNED_ERRORS:
+                self._abort_or_reset()
+                self._drop_reassigned(name)
+                return
+            self._reset_eos(f"{name}: {e}")
+            return
+        unc.in_transaction = False
+        self._outage_over()
+        self.health.update(delivery_ok=True)
+        self._unc = _Uncommitted()
+        self._after_commit(unc)  # step 5
+
+    def _abort_or_reset(self) -> None:
+        """Abort the open transaction; if that fails, re-initialise (which aborts it)."""
+        if self.producer is None or not self._unc.in_transaction:
+            return
+        try:
+            kp.abort_transaction(self.producer, self._op_timeout_s())
+            self._unc.in_transaction = False
+        except KafkaError as e:
+            self._needs_reset = f"abort failed ({type(e).__name__})"
+
+    def _reset_eos(self, cause: str) -> None:
+        """Drop everything held, re-create the producer, resume from committed offsets."""
+        assert self.consumer is not None
+        self._needs_reset = ""
+        dropped, pending = self._unc, self._pending
+        self._unc, self._pending = _Uncommitted(), _Pending()
+        fallback = dict(pending.first_offset)
+        fallback.update(dropped.first_offset)
+        self.metrics.kafka_errors.labels(kind="TransactionReset").inc()
+        self.health.update(delivery_ok=False)
+        log.warning(
+            "transaction not committed (%s): dropping %d uncommitted batch(es), "
+            "re-creating the producer and resuming from the committed offsets",
+            cause,
+            len(dropped.results),
+        )
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+        old, self.producer = self.producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close(timeout=0)
+        producer = self._producer_factory(self.cfg, self.instance_id)
+        if not self._init_transactions(producer):
+            with contextlib.suppress(Exception):
+                producer.close(timeout=0)
+            raise _Abandoned()
+        self.producer = producer
+        self._rewind_to_committed(fallback)
+        self.health.update(delivery_ok=True)
+
+    def _rewind_to_committed(self, fallback: dict[TopicPartition, int]) -> None:
+        """Seek each owned partition to its committed offset (or ``fallback``'s)."""
+        assert self.consumer is not None
+        backoff = 0.2
+        for tp in sorted(self.consumer.assignment()):
+            while True:
+                try:
+                    committed = self.consumer.committed(tp, timeout_ms=5000)
+                    break
+                except KafkaError as e:
+                    self._kafka_error("committed", e)
+                    self._check_give_up()
+                    if self._stop:
+                        raise _Abandoned() from None
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            target = committed if committed is not None else fallback.get(tp)
+            if target is not None:
+                self.consumer.seek(tp, target)
+        self._outage_over()
+
+    def _drop_reassigned(self, why: str) -> None:
+        log.warning("batch not committed, partitions were reassigned (%s)", why)
+        unc = self._unc
+        self._unc = _Uncommitted()
+        self._rewind(unc.first_offset)
+
     def _wait_acknowledged(self, futures: list[Any]) -> None:
         assert self.producer is not None
-        self.producer.flush(timeout=self.cfg.kafka.request_timeout_ms / 1000)
+        self.producer.flush(timeout=self._op_timeout_s())
         failed = [f for f in futures if not f.is_done or f.failed()]
         if failed:
             first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
             raise DeliveryFailed(f"{len(failed)} of {len(futures)} outputs failed: {first}")
 
-    def _send_all(self, result: BatchResult) -> list[Any]:
+    def _send_all(self, result: BatchResult, into: list[Any]) -> None:
+        """Hand a batch's outputs to the producer, appending each future to ``into`` as it
+        is created (so a send that raises half-way leaves a truthful record)."""
         assert self.producer is not None
         k = self.cfg.kafka
         send = self.producer.send
-        futures = [send(k.output_topic, key=m.key, value=m.value) for m in result.events]
+        for m in result.events:
+            into.append(send(k.output_topic, key=m.key, value=m.value))
         for m in result.dead_letters:
-            futures.append(send(k.dead_letter_topic, **_fit_dead_letter(m)))
-        return futures
-
-    def _abort_quietly(self) -> None:
-        assert self.producer is not None
-        try:
-            self.producer.abort_transaction()
-        except KafkaError as e:
-            if type(e).__name__ in _FATAL_PRODUCER_ERRORS:
-                raise
-            log.warning("abort_transaction failed: %s", e)
+            into.append(send(k.dead_letter_topic, **_fit_dead_letter(m)))
 
     def _rewind(self, first: dict[TopicPartition, int]) -> None:
         """Seek still-owned partitions back to the first uncommitted offset."""
@@ -433,9 +644,10 @@ class Worker:
 
     # -- outages, housekeeping ---------------------------------------------------------------
 
-    def _kafka_error(self, where: str, e: Exception) -> None:
+    def _kafka_error(self, where: str, e: Exception, quiet: bool = False) -> None:
         self.metrics.kafka_errors.labels(kind=type(e).__name__).inc()
-        log.warning("kafka error during %s: %s: %s", where, type(e).__name__, e)
+        if not quiet:
+            log.warning("kafka error during %s: %s: %s", where, type(e).__name__, e)
         if self._outage_since is None:
             self._outage_since = time.monotonic()
         self.health.update(broker_ok=False)
@@ -452,11 +664,13 @@ class Worker:
         down = time.monotonic() - self._outage_since
         if down > self.cfg.kafka.outage_give_up_s:
             raise GiveUp(
-                f"broker unreachable for {down:.0f}s "
+                f"broker unreachable or failing for {down:.0f}s "
                 f"(kafka.outage_give_up_s = {self.cfg.kafka.outage_give_up_s:.0f})"
             )
 
     def _housekeeping(self) -> None:
+        assert self.consumer is not None
+        self.health.set_member(kp.is_stable_member(self.consumer))
         self._refresh_lag()
         self._check_give_up()
         self._maybe_reload()
@@ -473,7 +687,8 @@ class Worker:
         except (KafkaTimeoutError, KafkaError) as e:
             self._kafka_error("end_offsets", e)
             return
-        self._outage_over()
+        if not self._unc.resend and self._unc.failed is None:
+            self._outage_over()
         for tp in assigned:
             try:
                 pos = self.consumer.position(tp, timeout_ms=1000)
@@ -506,10 +721,24 @@ class Worker:
         kafka-python runs rebalance listeners on the consumer's I/O thread, where the
         blocking ``commit()`` is refused; so this is a coroutine that awaits the offset
         commit. Producer calls (flush, transaction commit) run on the producer's own
-        thread and may block here. One attempt only: retrying would stall the group's
-        rebalance; on failure the new owner replays from the last commit.
+        thread and may block here (bounded). One attempt only: retrying would stall the
+        group's rebalance; on failure the new owner replays from the last commit.
         """
-        self._deliver_pending()
+        assert self.consumer is not None
+        if not revoked and not self._unc.results and not self._pending.records:
+            return  # the first join: nothing to hand over
+        if kp.membership(self.consumer) is None:
+            # Not ours to commit any more (kafka-python may report a lost generation as a
+            # revocation on close): same as on_lost.
+            self.on_lost(revoked)
+            return
+        if self._needs_reset:
+            self._drop_all("a transaction reset is pending")
+        else:
+            try:
+                self._deliver_pending()
+            except KafkaError as e:
+                self._kafka_error("revoke delivery", e)
         unc, self._unc = self._unc, _Uncommitted()
         if unc.results:
             log.info("partitions revoked; committing %d scored batch(es) first", len(unc.results))
@@ -518,7 +747,9 @@ class Worker:
             except KafkaError as e:
                 self._kafka_error("revoke commit", e)
                 if self._eos:
-                    self._abort_quietly()
+                    # Outcome unknown or transaction unusable: re-initialise before the
+                    # next transaction (that also aborts this one on the broker).
+                    self._needs_reset = f"revoke commit failed ({type(e).__name__})"
                 log.warning(
                     "could not commit before the rebalance (%s); the partitions' "
                     "next owner replays from the last commit",
@@ -526,32 +757,77 @@ class Worker:
                 )
             else:
                 self._after_commit(unc)
-        for tp in revoked:
+        self._forget(revoked)
+
+    def on_lost(self, lost: list[TopicPartition]) -> None:
+        """Evicted from the group (e.g. stopped past the session timeout): commit nothing.
+
+        The partitions already belong to another member, which replays from the last
+        commit; whatever we hold is dropped. Exactly once, the open transaction must never
+        commit: the producer is re-initialised before the next one (aborting it).
+        """
+        n = len(self._unc.results) + (1 if self._pending.records else 0)
+        log.warning(
+            "group membership lost (evicted: stalled past kafka.session_timeout_ms?); "
+            "dropping %d uncommitted batch(es) of %d partition(s) for their new owner",
+            n,
+            len(lost),
+        )
+        self.metrics.kafka_errors.labels(kind="MembershipLost").inc()
+        self._drop_all("membership lost")
+        self._forget(lost)
+
+    def _drop_all(self, why: str) -> None:
+        if self._eos and (self._unc.in_transaction or self._unc.results):
+            self._needs_reset = why
+        self._unc, self._pending = _Uncommitted(), _Pending()
+
+    def _forget(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+        self.health.update(assigned_partitions=0, assignment=())
 
     async def _commit_for_revoke(self, unc: _Uncommitted) -> None:
         assert self.consumer is not None and self.producer is not None
+        gm = kp.membership(self.consumer)
+        if gm is None:
+            raise DeliveryFailed("no valid group generation")
+        t = min(self._op_timeout_s(), 10.0)
         if self._eos:
-            if not unc.in_transaction:
-                raise DeliveryFailed("transaction was aborted before the rebalance")
-            self.producer.send_offsets_to_transaction(unc.offsets(), self.consumer.group_metadata())
-            self.producer.commit_transaction()
+            if unc.failed is not None or not unc.in_transaction:
+                raise DeliveryFailed("the transaction cannot be committed")
+            kp.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)
+            kp.commit_transaction(self.producer, t)
             return
+        if unc.resend:
+            raise DeliveryFailed("some outputs were never handed to the producer")
         self._wait_acknowledged(unc.futures)
         await self.consumer.commit_async(offsets=unc.offsets())
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.consumer is not None
         self.metrics.rebalances.inc()
-        n = len(self.consumer.assignment())
-        self.health.update(assigned_partitions=n)
+        owned = sorted(self.consumer.assignment())
+        self.health.update(
+            assigned_partitions=len(owned),
+            assignment=tuple(f"{tp.topic}/{tp.partition}" for tp in owned),
+        )
+        self.health.set_member(True)
         self._outage_over()  # the group coordinator answered
         log.info(
             "assigned %d partition(s): %s",
-            n,
-            ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)),
+            len(owned),
+            ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)) or "none (standby)",
         )
+
+
+def _auth_message(e: BaseException) -> str:
+    return (
+        f"the broker refused our credentials ({type(e).__name__}: {e}); check "
+        "kafka.sasl_mechanism and SENSOR_ANOMALY_KAFKA__SASL_USERNAME / "
+        "SENSOR_ANOMALY_KAFKA__SASL_PASSWORD (or the ACLs)"
+    )
 
 
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
@@ -563,6 +839,11 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.on_assigned(assigned)
+
+    async def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        # kafka-python's default delegates to on_partitions_revoked, which would commit
+        # with a stale identity (issue 9, defect 2).
+        self.worker.on_lost(lost)
 
 
 def _fit_dead_letter(m: OutputMessage) -> dict[str, Any]:

@@ -118,13 +118,15 @@ def test_healthcheck_exit_codes() -> None:
 
 def test_sasl_and_tls_settings_pass_through(tmp_path: Path) -> None:
     cfg = tmp_path / "w.yaml"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     cfg.write_text(
         yaml.safe_dump(
             {
                 "kafka": {
                     "security_protocol": "SASL_SSL",
                     "sasl_mechanism": "SCRAM-SHA-512",
-                    "ssl_cafile": "/etc/ca.pem",
+                    "ssl_cafile": str(ca),
                     "ssl_check_hostname": False,
                 }
             }
@@ -141,7 +143,7 @@ def test_sasl_and_tls_settings_pass_through(tmp_path: Path) -> None:
     assert kw == {
         "security_protocol": "SASL_SSL",
         "ssl_check_hostname": False,
-        "ssl_cafile": "/etc/ca.pem",
+        "ssl_cafile": str(ca),
         "sasl_mechanism": "SCRAM-SHA-512",
         "sasl_plain_username": "svc",
         "sasl_plain_password": "pw",

@@ -1,0 +1,221 @@
+"""kafka-python (3.x) adapter: client construction, bounded transactional calls, topics.
+
+Why bounded calls: kafka-python's ``commit_transaction``, ``abort_transaction`` and
+``send_offsets_to_transaction`` wait on their result without a timeout, so a broker that
+stalls (SIGSTOP, a partition of the network) wedges the caller forever. The functions here
+wait at most ``timeout_s`` and raise :class:`TxnOutcomeUnknown` otherwise; the loop then
+re-creates the producer (``init_transactions`` resolves the open transaction one way or
+the other) instead of guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from worker.config import WorkerConfig, kafka_security_kwargs
+
+log = logging.getLogger(__name__)
+
+
+class TxnOutcomeUnknown(KafkaTimeoutError):  # type: ignore[misc]
+    """A transactional call did not complete in time: its outcome is unknown."""
+
+
+class StartupError(RuntimeError):
+    """A start-up condition the user must fix (exit 2): the message says what and how."""
+
+
+def client_id(cfg: WorkerConfig, instance_id: str) -> str:
+    return f"{cfg.kafka.client_id}-{instance_id}"
+
+
+def build_consumer(cfg: WorkerConfig, instance_id: str = "") -> KafkaConsumer:
+    k = cfg.kafka
+    return KafkaConsumer(
+        bootstrap_servers=k.bootstrap_servers.split(","),
+        group_id=k.group_id,
+        client_id=client_id(cfg, instance_id or k.instance_id or "worker"),
+        enable_auto_commit=False,
+        auto_offset_reset=k.auto_offset_reset,
+        # Inputs may be written transactionally; never score aborted records. It also makes
+        # offset fetches "require stable" (KIP-447): a new owner waits for a pending
+        # transactional offset commit to resolve instead of replaying from an older one.
+        isolation_level="read_committed",
+        max_poll_records=cfg.batch.max_size,
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_interval_ms=k.max_poll_interval_ms,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
+        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+        fetch_max_bytes=k.fetch_max_bytes,
+        request_timeout_ms=max(k.request_timeout_ms, k.session_timeout_ms + 5000),
+        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
+        # A safety net for the metadata race in Worker._await_input_metadata (and new
+        # partitions): the leader re-assigns within 30 s of a metadata change, not 5 min.
+        metadata_max_age_ms=30_000,
+        **kafka_security_kwargs(k),
+    )
+
+
+def transactional_id(cfg: WorkerConfig, instance_id: str) -> str:
+    k = cfg.kafka
+    return f"{k.transactional_id_prefix}-{k.group_id}-{instance_id}"
+
+
+def build_producer(cfg: WorkerConfig, instance_id: str = "") -> KafkaProducer:
+    k = cfg.kafka
+    iid = instance_id or k.instance_id or "worker"
+    extra: dict[str, Any] = {}
+    if k.delivery == "exactly_once":
+        extra["transactional_id"] = transactional_id(cfg, iid)
+        extra["transaction_timeout_ms"] = k.transaction_timeout_ms
+    if k.compression_type != "none":
+        extra["compression_type"] = k.compression_type
+    return KafkaProducer(
+        bootstrap_servers=k.bootstrap_servers.split(","),
+        client_id=client_id(cfg, iid),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=k.linger_ms,
+        request_timeout_ms=k.request_timeout_ms,
+        # send() blocks this long for a topic's metadata; the default 60 s would stall the
+        # loop (and its heartbeat-driven rebalances) when an output topic is missing.
+        max_block_ms=min(k.request_timeout_ms, 10_000),
+        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
+        **extra,
+        **kafka_security_kwargs(k),
+    )
+
+
+def _wait(result: Any, timeout_s: float, what: str) -> None:
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        raise TxnOutcomeUnknown(f"{what} did not complete within {timeout_s:.0f}s")
+
+
+def commit_transaction(producer: KafkaProducer, timeout_s: float) -> None:
+    """``producer.commit_transaction()`` that waits at most ``timeout_s``."""
+    tm = producer._transaction_manager
+    result = tm.begin_commit()
+    producer._sender.wakeup()
+    _wait(result, timeout_s, "transaction commit")
+
+
+def abort_transaction(producer: KafkaProducer, timeout_s: float) -> None:
+    """``producer.abort_transaction()`` that waits at most ``timeout_s``."""
+    tm = producer._transaction_manager
+    result = tm.begin_abort()
+    producer._sender.wakeup()
+    _wait(result, timeout_s, "transaction abort")
+
+
+def send_offsets_to_transaction(
+    producer: KafkaProducer, offsets: Any, group_metadata: Any, timeout_s: float
+) -> None:
+    """``producer.send_offsets_to_transaction()`` that waits at most ``timeout_s``."""
+    tm = producer._transaction_manager
+    result = tm.send_offsets_to_transaction(offsets, group_metadata)
+    producer._sender.wakeup()
+    _wait(result, timeout_s, "adding offsets to the transaction")
+
+
+def membership(consumer: KafkaConsumer) -> Any | None:
+    """The consumer's group metadata, or None when it holds no valid generation.
+
+    A member whose heartbeat learned it was evicted (a zombie: stopped past its session
+    timeout) keeps running with generation -1; a transactional offset commit carrying
+    generation -1 skips the broker's KIP-447 fencing and would rewind the group's offsets.
+    Such a member must not commit.
+    """
+    gm = consumer.group_metadata()
+    if gm.generation_id is None or gm.generation_id < 0 or not gm.member_id:
+        return None
+    return gm
+
+
+def is_stable_member(consumer: KafkaConsumer) -> bool:
+    state = getattr(consumer.group_metadata(), "state", None)
+    return getattr(state, "name", str(state)) == "STABLE"
+
+
+def build_admin(cfg: WorkerConfig, timeout_ms: int) -> KafkaAdminClient:
+    k = cfg.kafka
+    return KafkaAdminClient(
+        bootstrap_servers=k.bootstrap_servers.split(","),
+        client_id=f"{k.client_id}-admin",
+        request_timeout_ms=max(timeout_ms, 1000),
+        bootstrap_timeout_ms=timeout_ms,
+        reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
+        **kafka_security_kwargs(k),
+    )
+
+
+def _topic_partitions(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Existing topics among ``topics`` with their partition counts."""
+    out: dict[str, int] = {}
+    for t in admin.describe_topics(topics):
+        name = t.get("topic") or t.get("name")
+        err = t.get("error_code", 0)
+        if name and not err and t.get("partitions"):
+            out[str(name)] = len(t["partitions"])
+    return out
+
+
+def ensure_topics(cfg: WorkerConfig, timeout_ms: int = 5000) -> list[str]:
+    """Check the input topics and create missing output / dead-letter topics.
+
+    Returns the input topics that do not exist (the caller reports them once and waits).
+
+    Raises:
+        KafkaTimeoutError / KafkaError: the broker did not answer (the caller retries).
+        StartupError: an output topic is missing and may not or could not be created.
+    """
+    k = cfg.kafka
+    admin = build_admin(cfg, timeout_ms)
+    try:
+        outputs = [k.output_topic, k.dead_letter_topic]
+        existing = _topic_partitions(admin, [*k.input_topics, *outputs])
+        missing_inputs = [t for t in k.input_topics if t not in existing]
+        missing_outputs = [t for t in outputs if t not in existing]
+        if missing_outputs and not k.create_topics:
+            raise StartupError(
+                f"output topic(s) {', '.join(missing_outputs)} do not exist; create them "
+                "or set kafka.create_topics: true"
+            )
+        if missing_outputs:
+            parts = k.topic_partitions or next(
+                (existing[t] for t in k.input_topics if t in existing), 1
+            )
+            spec = {
+                t: {"num_partitions": parts, "replication_factor": k.topic_replication}
+                for t in missing_outputs
+            }
+            try:
+                admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)
+            except KafkaError as e:
+                if "Authorization" in type(e).__name__:
+                    raise StartupError(
+                        f"not allowed to create {', '.join(missing_outputs)} "
+                        f"({type(e).__name__}); create them or grant CREATE"
+                    ) from None
+                raise
+            deadline = time.monotonic() + timeout_ms / 1000
+            while True:
+                now_there = _topic_partitions(admin, missing_outputs)
+                if len(now_there) == len(missing_outputs):
+                    break
+                if time.monotonic() > deadline:
+                    raise StartupError(
+                        f"could not create {', '.join(missing_outputs)}; create them by hand "
+                        "(check the broker's log and kafka.topic_replication)"
+                    )
+                time.sleep(0.2)
+            log.info("created topic(s) %s with %d partition(s)", ", ".join(missing_outputs), parts)
+        return missing_inputs
+    finally:
+        admin.close()

@@ -1,0 +1,84 @@
+"""The worker's liveness and readiness verdicts (served by :mod:`worker.health`).
+
+Readiness means "a member of the group and able to work": a model is loaded, the consumer
+is a stable group member (with any assignment, including none: a standby worker in a group
+with more members than partitions is ready), the broker answers, outputs are being
+acknowledged, no input topic is missing, and the worker is not stopping.
+
+Liveness fails (so an orchestrator restarts the worker) when the loop has not iterated for
+``stall_after_s``, or when the consumer has not been a stable group member for
+``rejoin_stuck_s`` (a join or sync that never completes; a healthy rejoin takes at most the
+group's rebalance timeout, ``kafka.max_poll_interval_ms``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.health import HealthState
+
+
+@dataclass
+class WorkerStatus(HealthState):
+    rejoin_stuck_s: float = 120.0
+    member_stable: bool = False
+    unstable_since: float | None = field(default_factory=time.monotonic)
+    assignment: tuple[str, ...] = ()
+    delivery_ok: bool = True
+    problem: str = ""  # one line: why not ready (missing topic, delivery failing, ...)
+
+    def set_member(self, stable: bool) -> None:
+        with self._lock:
+            if stable:
+                self.unstable_since = None
+            elif self.member_stable or self.unstable_since is None:
+                self.unstable_since = time.monotonic()
+            self.member_stable = stable
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        ok, facts = super().liveness()
+        with self._lock:
+            since = self.unstable_since
+        if since is not None and not self.stopping:
+            out = time.monotonic() - since
+            facts["not_group_member_s"] = round(out, 1)
+            if out > self.rejoin_stuck_s:
+                ok = False
+                facts["reason"] = (
+                    f"not a stable group member for {out:.0f}s (limit {self.rejoin_stuck_s:.0f}s)"
+                )
+        return ok, facts
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        alive, live = self.liveness()
+        with self._lock:
+            facts: dict[str, Any] = {
+                "model_version": self.model_version or None,
+                "group_member": self.member_stable,
+                "assigned_partitions": self.assigned_partitions,
+                "assignment": list(self.assignment),
+                "standby": self.member_stable and self.assigned_partitions == 0,
+                "broker_ok": self.broker_ok,
+                "delivery_ok": self.delivery_ok,
+                "stopping": self.stopping,
+            }
+            reasons = []
+            if not self.model_version:
+                reasons.append("no model loaded")
+            if not self.member_stable:
+                reasons.append("not (yet) a stable consumer-group member")
+            if not self.broker_ok:
+                reasons.append("broker not answering")
+            if not self.delivery_ok:
+                reasons.append("outputs not being acknowledged")
+            if self.problem:
+                reasons.append(self.problem)
+            if self.stopping:
+                reasons.append("stopping")
+        if not alive:
+            reasons.append(str(live.get("reason", "loop stalled")))
+        if reasons:
+            facts["reason"] = "; ".join(reasons)
+        return not reasons, {**facts, **live}
