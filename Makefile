@@ -9,7 +9,7 @@ export KAFKA_PORT ?= 39092
 export KAFKA_CONTROLLER_PORT ?= 39093
 export KAFKA_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: help install system-deps kafka-jars tools constraints lint typecheck test unit demo bench kafka-start kafka-stop clean
+.PHONY: help install system-deps kafka-jars tools constraints lint typecheck test unit demo bench chaos kafka-start kafka-stop clean
 
 help:
 	@echo "make test | make demo | make bench | make lint | make typecheck | make kafka-start | make kafka-stop"
@@ -54,6 +54,11 @@ demo: install
 
 bench: install
 	scripts/bench.sh
+
+# Faults against a private broker in both delivery modes (docs/reliability.md); CHAOS_ARGS
+# passes options, e.g. make chaos CHAOS_ARGS='--runs 3 --write-docs'.
+chaos: install
+	scripts/chaos.sh $(CHAOS_ARGS)
 
 kafka-start: kafka-jars
 	deploy/kafka/kafka.sh start
