@@ -111,6 +111,9 @@ class _Server(uvicorn.Server):
         self._state.stopping = True
         self._state.metrics.ready.set(0)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has stopped, which would end the process
+        # as "killed by SIGTERM"; a drained, requested stop is a clean exit (code 0) here.
+        self._captured_signals.clear()
 
 
 def serve(cfg: ServeConfig, store: ModelStore) -> int:
