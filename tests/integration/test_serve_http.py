@@ -455,9 +455,9 @@ def test_one_bad_reading_does_not_fail_the_others(server: Server) -> None:
 
 
 def test_unknown_routes_and_methods_answer_json(server: Server) -> None:
-    status, hdrs, data = server.get("/v1/nothing")
+    status, _, data = server.get("/v1/nothing")
     assert status == 404 and json.loads(data)["error"].startswith("no route")
-    status, hdrs, data = server.get("/v1/models/sensors/score")
+    status, _, data = server.get("/v1/models/sensors/score")
     assert status == 405 and "GET" in json.loads(data)["error"]
 
 
