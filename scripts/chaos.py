@@ -30,9 +30,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    scenarios: tuple[str, ...]  # empty = the whole matrix
+    readings: int
+    rate: float  # records/s
+
+
 PROFILES = {
-    "ci": {"scenarios": ["ci", "output_missing"], "readings": 50_000, "rate": 2500.0},
-    "full": {"scenarios": None, "readings": 60_000, "rate": 2000.0},
+    "ci": Profile(("ci", "output_missing"), 50_000, 2500.0),
+    "full": Profile((), 60_000, 2000.0),
 }
 BEGIN, END = "<!-- chaos:table:begin -->", "<!-- chaos:table:end -->"
 
@@ -77,7 +86,8 @@ def _export(ref: str) -> tuple[Path, str]:
 
 def table(results: list[dict[str, object]]) -> str:
     head = (
-        "| scenario | mode | faults | readings | lost (ev/dl) | dup (ev/dl) | recovery s | exits | result |\n"
+        "| scenario | mode | faults | readings | lost (ev/dl) | dup (ev/dl) | recovery s | exits "
+        "| result |\n"
         "|---|---|---|---:|---:|---:|---:|---|---|\n"
     )
     rows = []
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in sc.SCENARIOS.values():
             print(f"{s.name:16} {s.doc}")
         return 0
-    names = args.scenarios.split(",") if args.scenarios else (prof["scenarios"] or sc.MATRIX)
+    names = args.scenarios.split(",") if args.scenarios else (list(prof.scenarios) or sc.MATRIX)
     modes = args.modes.split(",")
     bad = [n for n in names if n not in sc.SCENARIOS] + [m for m in modes if m not in sc.MODES]
     if bad:
@@ -154,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             f"chaos: error: unknown scenario/mode {bad}; scenarios: {','.join(sc.SCENARIOS)}; "
             f"modes: {','.join(sc.MODES)}\n",
         )
-    readings = args.readings or int(prof["readings"])  # type: ignore[call-overload]
-    rate = args.rate or float(prof["rate"])  # type: ignore[arg-type]
+    readings = args.readings or prof.readings
+    rate = args.rate or prof.rate
     sha = os.environ.get("CHAOS_WORKER_SHA") or _git("rev-parse", "HEAD")
     dirty = (
         ""
@@ -171,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port_pair()
     broker = PrivateBroker(work / "broker", port)
     print(
-        f"[chaos] worker code {sha[:12]}{dirty}; private broker on 127.0.0.1:{port}; logs under {work}",
+        f"[chaos] worker code {sha[:12]}{dirty}; private broker on 127.0.0.1:{port}; "
+        f"logs under {work}",
         flush=True,
     )
     t0 = time.monotonic()
@@ -188,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"[chaos] run {run + 1} {name:15} {mode:13} "
                         f"{'pass' if r.passed else 'FAIL'} lost {r.lost_events}/{r.lost_dead} "
-                        f"dup {r.dup_events}/{r.dup_dead} recovery {r.recovery_s} exits [{r.exits}] "
-                        f"({r.duration_s:.0f}s){'' if r.passed else ' — ' + '; '.join(r.failures)}",
+                        f"dup {r.dup_events}/{r.dup_dead} recovery {r.recovery_s} "
+                        f"exits [{r.exits}] ({r.duration_s:.0f}s)"
+                        f"{'' if r.passed else ' — ' + '; '.join(r.failures)}",
                         flush=True,
                     )
     finally:
@@ -208,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "scripts/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     md = (
-        f"Measured {meta['date']} on worker commit `{meta['worker_commit']}`, profile {args.profile}, "
-        f"{readings:,} readings per run at {rate:.0f} records/s, seed {args.seed}, {args.runs} run(s), "
+        f"Measured {meta['date']} on worker commit `{meta['worker_commit']}`, "
+        f"profile {args.profile}, {readings:,} readings per run at {rate:.0f} records/s, "
+        f"seed {args.seed}, {args.runs} run(s), "
         f"{meta['minutes']} min. Command: `{meta['command']}`.\n\n" + table(results)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Chaos suite for the Kafka worker (issue 9): faults against a private broker, checked by an oracle.
+"""Chaos suite for the Kafka worker (issue 9): faults on a private broker, checked by an oracle.
 
 Pieces, one module each:
 
@@ -10,8 +10,8 @@ Pieces, one module each:
   suite may SIGTERM, SIGKILL, SIGSTOP and restart;
 - :mod:`tests.chaos.procs`    worker subprocesses under a small supervisor (restart after an
   unexpected exit, as an orchestrator would), signalled only by their own PIDs;
-- :mod:`tests.chaos.verify`   an independent reader (confluent-kafka, ``read_committed``) that counts
-  lost / duplicated / unexpected events and dead letters, committed offsets vs log end and
+- :mod:`tests.chaos.verify`   an independent reader (confluent-kafka, ``read_committed``) that
+  counts lost / duplicated / unexpected events and dead letters, committed offsets vs log end and
   hanging transactions;
 - :mod:`tests.chaos.scenarios` the fault schedules and the driver that runs one scenario.
 

@@ -61,7 +61,8 @@ class WorkerSlot:
         path = os.pathsep.join(dict.fromkeys([src, str(REPO)]))
         with self.log_path.open("ab") as log:
             log.write(
-                f"\n===== chaos: start #{self.starts + 1} of {self.name} at {time.time():.3f}\n".encode()
+                f"\n===== chaos: start #{self.starts + 1} of {self.name} "
+                f"at {time.time():.3f}\n".encode()
             )
             log.flush()
             self.proc = subprocess.Popen(
@@ -129,9 +130,9 @@ class Supervisor:
                 for slot in self.slots.values():
                     if self._reap(slot) is not None and slot.wanted:
                         slot.restart_at = time.monotonic() + self.restart_delay
-                    if slot.wanted and slot.proc is None and slot.restart_at is not None:
-                        if time.monotonic() >= slot.restart_at:
-                            slot.start()
+                    due = slot.restart_at is not None and time.monotonic() >= slot.restart_at
+                    if slot.wanted and slot.proc is None and due:
+                        slot.start()
 
     # -- driver operations (all under the lock, so the watcher never races a restart) ----------
 

@@ -230,6 +230,31 @@ class Ctx:
                 return
             time.sleep(0.1)
 
+    def owned(self, name: str) -> int | None:
+        """Partitions the group's coordinator says ``name`` holds (None: no answer)."""
+        group = self.topics["group"]
+        try:
+            admin = AdminClient({"bootstrap.servers": self.broker.bootstrap, "log_level": 0})
+            d = admin.describe_consumer_groups([group], request_timeout=5)[group].result(timeout=6)
+        except Exception:
+            return None
+        if str(d.state).rsplit(".", 1)[-1] != "STABLE":
+            return 0
+        client = f"sensor-anomaly-worker-{name}"
+        return sum(len(m.assignment.topic_partitions) for m in d.members if m.client_id == client)
+
+    def wait_owner(self, name: str, timeout: float = 45.0) -> bool:
+        """Until ``name`` is a member of a stable group holding at least one partition, so
+        a fault hits a worker that has work in hand. False (and a note) on timeout."""
+        self.wait_running(name, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.owned(name) or 0) > 0:
+                return True
+            time.sleep(0.5)
+        self.notes.append(f"{name} held no partition for {timeout:.0f}s before a fault")
+        return False
+
     def create_topic(self, name: str, partitions: int) -> None:
         admin = AdminClient({"bootstrap.servers": self.broker.bootstrap})
         admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[
@@ -265,7 +290,7 @@ def _kill9(ctx: Ctx, n: int) -> None:
     for p in ctx.points(n):
         ctx.at(p)
         name = _victim(ctx)
-        ctx.wait_running(name)
+        ctx.wait_owner(name)
         f = ctx.fault(f"kill -9 {name}")
         ctx.sup.kill9(name)
         f.healed = time.monotonic()  # the supervisor restarts it: recovery includes that
@@ -275,7 +300,7 @@ def _sigterm(ctx: Ctx, n: int) -> None:
     for p in ctx.points(n):
         ctx.at(p)
         name = _victim(ctx)
-        ctx.wait_running(name)
+        ctx.wait_owner(name)
         f = ctx.fault(f"SIGTERM {name}")
         ctx.sup.sigterm(name)
         f.healed = time.monotonic()
@@ -334,6 +359,7 @@ def _zombie(ctx: Ctx, n: int = 1) -> None:
         ctx.at(p)
         # Past the session timeout, so the other member takes the partitions over.
         pause = SESSION_TIMEOUT_MS / 1000 + 8
+        ctx.wait_owner("w1")
         f = ctx.fault(f"zombie: SIGSTOP w1 {pause:.0f}s, then SIGCONT")
         ctx.sup.pause("w1")
         time.sleep(pause)
@@ -361,13 +387,12 @@ def _ci(ctx: Ctx) -> None:
     """The CI profile's fault mix: kill -9 ×2, the zombie, one broker SIGKILL restart."""
     ctx.at(0.15)
     name = _victim(ctx)
-    ctx.wait_running(name)
+    ctx.wait_owner(name)
     f = ctx.fault(f"kill -9 {name}")
     ctx.sup.kill9(name)
     f.healed = time.monotonic()
     ctx.at(0.3)
-    ctx.wait_running("w1")
-    time.sleep(3)
+    ctx.wait_owner("w1")
     pause = SESSION_TIMEOUT_MS / 1000 + 8
     f = ctx.fault(f"zombie: SIGSTOP w1 {pause:.0f}s")
     ctx.sup.pause("w1")
@@ -383,7 +408,7 @@ def _ci(ctx: Ctx) -> None:
     f.healed = time.monotonic()
     ctx.at(0.8)
     name = _victim(ctx)
-    ctx.wait_running(name)
+    ctx.wait_owner(name)
     f = ctx.fault(f"kill -9 {name}")
     ctx.sup.kill9(name)
     f.healed = time.monotonic()
@@ -592,7 +617,7 @@ def run(
     rng = random.Random(seed * 1009 + len(name))
     producer = PacedProducer(broker.bootstrap, topics["in"], inp, rate)
     ctx = Ctx(broker, sup, rng, producer, len(inp.records))
-    ctx.topics = topics
+    ctx.topics = {**topics, "group": group}
     ctx.partitions = {"in": sc.partitions, "out": 3, "dlq": 1}
     res = Result(
         name,
@@ -629,71 +654,17 @@ def run(
     producer.done.wait(timeout=900)
     if producer.failed or producer.error:
         res.failures.append(f"producer: {producer.failed} failed ({producer.error})")
-    # Drain: the group must catch up with everything produced.
-    t_drain = time.monotonic()
-    res.drained = False
-    while time.monotonic() - t_drain < drain_timeout:
-        s = monitor.sample()
-        if s is not None and all(s[0].get(p, 0) >= e for p, e in s[1].items()):
-            res.drained = True
-            break
-        time.sleep(0.5)
-    res.drain_s = round(time.monotonic() - t_drain, 1)
-    time.sleep(1.0)
+    _drain(monitor, drain_timeout, res)
     monitor.stop()
     sup.stop_all(timeout=60)
-    for f in ctx.faults:
-        if f.healed is not None:
-            f.recovery_s = monitor.recovery(f.healed)
-    res.faults = [f.what for f in ctx.faults]
-    recs = [f.recovery_s for f in ctx.faults if f.healed is not None]
-    res.recovered = all(r is not None for r in recs)
-    res.recovery_s = (
-        round(max(r for r in recs if r is not None), 1)
-        if any(r is not None for r in recs)
-        else None
-    )
+    _record_faults(ctx, monitor, res)
     res.exits = sup.exit_summary()
     res.bad_exits = [f"{e.slot} rc={e.rc} ({e.cause})" for e in sup.bad_exits()]
     res.notes += ctx.notes
-    # Oracle on what is actually in the input topic, then the verdict.
     try:
-        records = verify.input_records(broker.bootstrap, topics["in"])
-        if len(records) != len(inp.records):
-            res.failures.append(
-                f"input topic holds {len(records)} records, {len(inp.records)} produced"
-            )
-        exp = oracle.compute(rdir / "w1.yaml", records)
-        res.expected_events, res.expected_dead = len(exp.events), len(exp.dead)
-        flagged = {(e.device_id, e.timestamp_ms) for e in exp.events.values()}
-        res.injected_missed = len(inp.injected - flagged)
-        if exp.ambiguous:
-            res.notes.append(
-                f"{len(exp.ambiguous)} readings flagged under one batching only (not counted)"
-            )
-        out_parts = verify.partitions(broker.bootstrap, topics["out"])
-        if not out_parts:
-            res.failures.append("output topic does not exist at the end")
-            res.lost_events = len(exp.events)
-        else:
-            v = verify.verify(
-                broker.bootstrap,
-                exp,
-                topics["in"],
-                topics["out"],
-                topics["dlq"],
-                group,
-                prefix if mode == "exactly_once" else None,
-                stable_timeout=TRANSACTION_TIMEOUT_MS / 1000 + 20,
-            )
-            res.lost_events, res.lost_dead = v.events.lost, v.dead.lost
-            res.dup_events, res.dup_dead = v.events.dup, v.dead.dup
-            res.dup_inconsistent = v.events.dup_inconsistent
-            res.unexpected = v.events.unexpected + v.dead.unexpected
-            res.wrong = v.events.wrong + v.dead.wrong
-            res.committed_gap = v.committed_gap
-            res.hanging = v.hanging
-            res.examples = (v.events.examples + v.dead.examples)[:12]
+        _check(
+            res, broker.bootstrap, inp, topics, group, prefix if mode == MODES[1] else None, rdir
+        )
     except Exception as e:
         res.failures.append(f"verifier error: {type(e).__name__}: {e}")
         res.notes.append(traceback.format_exc()[-1500:])
@@ -701,3 +672,75 @@ def run(
     res.judge()
     (rdir / "result.json").write_text(json.dumps(dataclasses.asdict(res), indent=2))
     return res
+
+
+def _drain(monitor: Monitor, timeout: float, res: Result) -> None:
+    """Wait until the group has committed everything produced (or ``timeout`` s)."""
+    t0 = time.monotonic()
+    res.drained = False
+    while time.monotonic() - t0 < timeout:
+        s = monitor.sample()
+        if s is not None and all(s[0].get(p, 0) >= e for p, e in s[1].items()):
+            res.drained = True
+            break
+        time.sleep(0.5)
+    res.drain_s = round(time.monotonic() - t0, 1)
+    time.sleep(1.0)
+
+
+def _record_faults(ctx: Ctx, monitor: Monitor, res: Result) -> None:
+    for f in ctx.faults:
+        if f.healed is not None:
+            f.recovery_s = monitor.recovery(f.healed)
+    res.faults = [f.what for f in ctx.faults]
+    recs = [f.recovery_s for f in ctx.faults if f.healed is not None]
+    res.recovered = all(r is not None for r in recs)
+    done = [r for r in recs if r is not None]
+    res.recovery_s = round(max(done), 1) if done else None
+
+
+def _check(
+    res: Result,
+    bootstrap: str,
+    inp: ChaosInput,
+    topics: dict[str, str],
+    group: str,
+    txn_prefix: str | None,
+    rdir: Path,
+) -> None:
+    """Oracle on what is actually in the input topic, then the verifier's counts."""
+    records = verify.input_records(bootstrap, topics["in"])
+    if len(records) != len(inp.records):
+        res.failures.append(
+            f"input topic holds {len(records)} records, {len(inp.records)} produced"
+        )
+    exp = oracle.compute(rdir / "w1.yaml", records)
+    res.expected_events, res.expected_dead = len(exp.events), len(exp.dead)
+    flagged = {(e.device_id, e.timestamp_ms) for e in exp.events.values()}
+    res.injected_missed = len(inp.injected - flagged)
+    if exp.ambiguous:
+        res.notes.append(
+            f"{len(exp.ambiguous)} readings flagged under one batching only (not counted)"
+        )
+    if not verify.partitions(bootstrap, topics["out"]):
+        res.failures.append("output topic does not exist at the end")
+        res.lost_events = len(exp.events)
+        return
+    v = verify.verify(
+        bootstrap,
+        exp,
+        topics["in"],
+        topics["out"],
+        topics["dlq"],
+        group,
+        txn_prefix,
+        stable_timeout=TRANSACTION_TIMEOUT_MS / 1000 + 20,
+    )
+    res.lost_events, res.lost_dead = v.events.lost, v.dead.lost
+    res.dup_events, res.dup_dead = v.events.dup, v.dead.dup
+    res.dup_inconsistent = v.events.dup_inconsistent
+    res.unexpected = v.events.unexpected + v.dead.unexpected
+    res.wrong = v.events.wrong + v.dead.wrong
+    res.committed_gap = v.committed_gap
+    res.hanging = v.hanging
+    res.examples = (v.events.examples + v.dead.examples)[:12]
