@@ -39,17 +39,25 @@ fetch() {
   touch "$libs/.complete"
 }
 
+# KAFKA_SASL_PLAIN_USERS="user:password,..." turns the client listener into SASL_PLAINTEXT
+# with the PLAIN mechanism (for tests of authentication failures); the broker talks to
+# itself as user "broker" with KAFKA_SASL_BROKER_PASSWORD.
+KAFKA_SASL_PLAIN_USERS="${KAFKA_SASL_PLAIN_USERS:-}"
+KAFKA_SASL_BROKER_PASSWORD="${KAFKA_SASL_BROKER_PASSWORD:-broker-secret}"
+proto=PLAINTEXT
+[ -n "$KAFKA_SASL_PLAIN_USERS" ] && proto=SASL_PLAINTEXT
+
 write_props() {
   mkdir -p "$data"
   cat >"$props" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+listeners=$proto://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=$proto://$KAFKA_HOST:$KAFKA_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=$proto:$proto,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=$proto
 log.dirs=$data/logs
 num.partitions=1
 auto.create.topics.enable=false
@@ -65,6 +73,16 @@ group.min.session.timeout.ms=1000
 transaction.abort.timed.out.transaction.cleanup.interval.ms=2000
 log.retention.hours=6
 PROPS
+  if [ -n "$KAFKA_SASL_PLAIN_USERS" ]; then
+    local users="" pair
+    IFS=',' read -ra pairs <<<"$KAFKA_SASL_PLAIN_USERS"
+    for pair in "${pairs[@]}"; do users+=" user_${pair%%:*}=\"${pair#*:}\""; done
+    cat >>"$props" <<PROPS
+sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.inter.broker.protocol=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="broker" password="$KAFKA_SASL_BROKER_PASSWORD" user_broker="$KAFKA_SASL_BROKER_PASSWORD"$users;
+PROPS
+  fi
 }
 
 running_pid() {
@@ -77,7 +95,12 @@ running_pid() {
 answers() {
   # Ready means a metadata request answers, not just an open port.
   command -v kcat >/dev/null || { log "kcat not found: apt-get install kcat"; exit 1; }
-  kcat -L -b "$KAFKA_HOST:$KAFKA_PORT" -m 2 >/dev/null 2>&1
+  local auth=()
+  if [ -n "$KAFKA_SASL_PLAIN_USERS" ]; then
+    auth=(-X security.protocol=SASL_PLAINTEXT -X sasl.mechanisms=PLAIN
+          -X sasl.username=broker -X "sasl.password=$KAFKA_SASL_BROKER_PASSWORD")
+  fi
+  kcat -L -b "$KAFKA_HOST:$KAFKA_PORT" -m 2 "${auth[@]}" >/dev/null 2>&1
 }
 
 start() {

@@ -155,6 +155,60 @@ def build_admin(cfg: WorkerConfig, timeout_ms: int) -> KafkaAdminClient:
     )
 
 
+class _Diagnosis(logging.Handler):
+    """Listens to kafka-python's connection log for causes it does not raise.
+
+    kafka-python reports a refused password or an untrusted certificate only in its logs,
+    then fails the bootstrap with a bare timeout; this recovers the cause so the user gets
+    one line that names it instead of a timeout after a wall of client noise.
+    """
+
+    _CAUSES = (
+        ("AuthenticationFailed", "auth"),
+        ("CERTIFICATE_VERIFY_FAILED", "tls"),
+        ("certificate verify failed", "tls"),
+        ("SSLCertVerificationError", "tls"),
+        ("WRONG_VERSION_NUMBER", "tls-mismatch"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.cause = ""
+        self.detail = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return
+        for needle, cause in self._CAUSES:
+            if needle in text:
+                self.cause, self.detail = cause, text[-300:]
+
+
+def _diagnosed(cfg: WorkerConfig, diag: _Diagnosis) -> StartupError | None:
+    k = cfg.kafka
+    if diag.cause == "auth":
+        return StartupError(
+            f"the broker at {k.bootstrap_servers} refused our SASL credentials "
+            f"(mechanism {k.sasl_mechanism or 'none'}, user {k.sasl_username or '-'}); check "
+            "kafka.sasl_mechanism and SENSOR_ANOMALY_KAFKA__SASL_USERNAME / "
+            "SENSOR_ANOMALY_KAFKA__SASL_PASSWORD"
+        )
+    if diag.cause == "tls":
+        return StartupError(
+            f"the broker's TLS certificate at {k.bootstrap_servers} is not trusted "
+            f"(kafka.ssl_cafile = {k.ssl_cafile or 'system default'}); point kafka.ssl_cafile "
+            "at the CA that signed it (or fix kafka.ssl_check_hostname)"
+        )
+    if diag.cause == "tls-mismatch":
+        return StartupError(
+            f"TLS handshake with {k.bootstrap_servers} failed: the listener does not speak "
+            "TLS; check kafka.security_protocol and the port"
+        )
+    return None
+
+
 def _topic_partitions(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int]:
     """Existing topics among ``topics`` with their partition counts."""
     out: dict[str, int] = {}
@@ -176,7 +230,25 @@ def ensure_topics(cfg: WorkerConfig, timeout_ms: int = 5000) -> list[str]:
         StartupError: an output topic is missing and may not or could not be created.
     """
     k = cfg.kafka
-    admin = build_admin(cfg, timeout_ms)
+    diag = _Diagnosis()
+    client_log = logging.getLogger("kafka")
+    client_log.addHandler(diag)
+    # Our handler must see connection errors even when the client's level hides them;
+    # meanwhile the client's own lines stay out of the log (we report the cause once).
+    saved, client_log.level = client_log.level, logging.INFO
+    client_log.propagate = False
+    try:
+        try:
+            admin = build_admin(cfg, timeout_ms)
+        except KafkaError:
+            err = _diagnosed(cfg, diag)
+            if err is not None:
+                raise err from None
+            raise
+    finally:
+        client_log.removeHandler(diag)
+        client_log.setLevel(saved)
+        client_log.propagate = True
     try:
         outputs = [k.output_topic, k.dead_letter_topic]
         existing = _topic_partitions(admin, [*k.input_topics, *outputs])
