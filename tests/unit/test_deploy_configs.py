@@ -640,7 +640,7 @@ def test_base_dependencies_have_no_training_library() -> None:
     project = pyproject["project"]
     base = {_requirement_name(r) for r in project["dependencies"]}
     assert base == {"numpy", "msgspec", "kafka-python", "prometheus-client", "pyyaml"} | (
-        base & {"starlette", "uvicorn", "anyio", "h11"}  # the HTTP server's, if any
+        base & {"starlette", "uvicorn", "httptools", "anyio", "h11"}  # the HTTP server
     ), base
     train = {_requirement_name(r) for r in project["optional-dependencies"]["train"]}
     assert train == {"tensorflow", "scikit-learn", "matplotlib"}
