@@ -55,6 +55,12 @@ def _forward(h: F32, layers: tuple[DenseLayer, ...], block: int) -> F32:
     """Layer by layer; each product in row blocks of at most ``block`` rows."""
     n = len(h) if h.ndim == 2 else 0
     for layer in layers:
+        if layer.steps != 1:
+            # Per-step layer: the same kernel on each of the row's `steps` blocks.
+            s = layer.steps
+            flat = _forward(h.reshape(n * s, -1), (layer.unstepped,), block)
+            h = flat.reshape(n, -1)
+            continue
         if n > block:
             out = np.empty((n, layer.kernel.shape[1]), dtype=np.float32)
             for i in range(0, n, block):
@@ -68,13 +74,33 @@ def _forward(h: F32, layers: tuple[DenseLayer, ...], block: int) -> F32:
 
 @dataclass(frozen=True, eq=False)
 class DenseLayer:
-    """``activation(x @ kernel + bias)``; kernel is (inputs, units) float32."""
+    """``activation(x @ kernel + bias)``; kernel is (inputs, units) float32.
+
+    With ``steps > 1`` (windowed models) a row holds ``steps`` blocks of ``inputs`` values
+    (one per reading of the window, oldest first) and the same kernel maps each block to
+    ``units`` values: Keras' ``Dense`` on a (steps, inputs) input, flattened row-major.
+    """
 
     kernel: F32
     bias: F32
     activation: str
+    steps: int = 1
+
+    @property
+    def n_in(self) -> int:
+        return int(self.kernel.shape[0]) * self.steps
+
+    @property
+    def n_out(self) -> int:
+        return int(self.kernel.shape[1]) * self.steps
+
+    @property
+    def unstepped(self) -> DenseLayer:
+        return DenseLayer(self.kernel, self.bias, self.activation)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ArtifactError(f"dense layer steps must be >= 1, got {self.steps!r}; re-train")
         if self.activation not in ACTIVATIONS:
             raise ArtifactError(
                 f"activation {self.activation!r} is not supported by the numpy scorer; "
@@ -104,15 +130,16 @@ class DenseNetwork:
 
     def __post_init__(self) -> None:
         widest = max((lay.kernel.shape[0] * lay.kernel.shape[1] for lay in self.layers), default=1)
+        # (Per-step layers multiply their rows by `steps`; their kernels are small anyway.)
         object.__setattr__(self, "_block_rows", max(16, _SINGLE_THREAD_GEMM_WORK // max(1, widest)))
 
     @property
     def n_inputs(self) -> int:
-        return int(self.layers[0].kernel.shape[0])
+        return self.layers[0].n_in
 
     @property
     def n_outputs(self) -> int:
-        return int(self.layers[-1].kernel.shape[1])
+        return self.layers[-1].n_out
 
     def forward(self, x: F32, upto: int | None = None) -> F32:
         """Run rows ``x`` (n, n_inputs) float32 through layers ``[0, upto)``; all by default."""
@@ -130,21 +157,27 @@ class DenseNetwork:
         for i, layer in enumerate(self.layers):
             arrays[f"kernel_{i}"] = layer.kernel
             arrays[f"bias_{i}"] = layer.bias
-        meta = {
+        meta: dict[str, Any] = {
             "activations": [layer.activation for layer in self.layers],
             "code_layer": self.code_layer,
         }
+        if any(layer.steps != 1 for layer in self.layers):
+            meta["steps"] = [layer.steps for layer in self.layers]
         return arrays, meta
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> DenseNetwork:
         try:
             acts = list(meta["activations"])
+            steps = [int(v) for v in meta.get("steps", [1] * len(acts))]
+            if len(steps) != len(acts):
+                raise ArtifactError("network steps and activations disagree; re-train")
             layers = tuple(
                 DenseLayer(
                     kernel=np.asarray(arrays[f"kernel_{i}"], dtype=np.float32),
                     bias=np.asarray(arrays[f"bias_{i}"], dtype=np.float32),
                     activation=str(a),
+                    steps=steps[i],
                 )
                 for i, a in enumerate(acts)
             )
@@ -152,15 +185,17 @@ class DenseNetwork:
         except KeyError as e:
             raise ArtifactError(f"network weights lack {e.args[0]!r}; re-train") from None
         for a, b in itertools.pairwise(layers):
-            if a.kernel.shape[1] != b.kernel.shape[0]:
+            if a.n_out != b.n_in:
                 raise ArtifactError("network layer sizes do not chain; re-train")
         return net
 
     @classmethod
     def from_keras(cls, model: Any) -> DenseNetwork:
-        """Extract the Dense layers of a Keras model (Dropout/Input layers are skipped).
+        """Extract the Dense layers of a Keras model (Dropout/Input/Reshape/Flatten skipped).
 
-        The code layer is the narrowest Dense layer.
+        A Dense layer applied to a (steps, features) input becomes a per-step layer;
+        Reshape/Flatten between them are row-major no-ops on the flattened rows. The code
+        layer is the Dense layer with the narrowest total output.
         """
         layers: list[DenseLayer] = []
         for layer in model.layers:
@@ -170,8 +205,10 @@ class DenseNetwork:
             act = layer.get_config()["activation"]
             if not isinstance(act, str):
                 raise ArtifactError(f"layer {layer.name} uses a non-builtin activation")
-            layers.append(DenseLayer(kernel=kernel, bias=bias, activation=act))
+            shape = tuple(layer.input.shape)
+            steps = int(shape[1]) if len(shape) == 3 else 1
+            layers.append(DenseLayer(kernel=kernel, bias=bias, activation=act, steps=steps))
         if not layers:
             raise ArtifactError("the Keras model has no Dense layers")
-        widths = [lay.kernel.shape[1] for lay in layers[:-1]] or [layers[0].kernel.shape[1]]
+        widths = [lay.n_out for lay in layers[:-1]] or [layers[0].n_out]
         return cls(layers=tuple(layers), code_layer=int(np.argmin(widths)))

@@ -40,7 +40,7 @@ def _plain_keras(x: np.ndarray, epochs: int, batch: int, seed: int, det: bool) -
     n_train = n - 2 * n_val
     lo, hi = x[:n_train].min(axis=0), x[:n_train].max(axis=0)
     z = ((x - lo) / (hi - lo)).astype(np.float32)
-    hp = ModelConfig(epochs=epochs, batch_size=batch, seed=seed)
+    hp = ModelConfig(hidden=(32, 16), code_size=8, epochs=epochs, batch_size=batch, seed=seed)
     seed_everything(seed, deterministic=det)
     model = build_autoencoder(x.shape[1], hp, "sigmoid")
     t0 = time.perf_counter()

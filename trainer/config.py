@@ -180,6 +180,13 @@ class ModelConfig:
         ge=1,
         le=512,
     )
+    step_units: int | None = setting(
+        None,
+        "windowed models: width of a per-reading layer shared by every step of the window "
+        "(and its mirror before the output); null = auto clamp(round(features / 2), 2, 8); "
+        "0 = none (dense layers on the whole flattened window)",
+        ge=0,
+    )
     activation: Activation = setting("relu", "hidden/code activation: relu tanh sigmoid elu linear")
     output_activation: Literal["auto", "relu", "tanh", "sigmoid", "elu", "linear"] = setting(
         "auto", "auto = sigmoid for the minmax scaler, linear for standard"

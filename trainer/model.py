@@ -80,12 +80,23 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def build_autoencoder(n_features: int, hp: ModelConfig, output_activation: str) -> Any:
+def build_autoencoder(
+    n_features: int,
+    hp: ModelConfig,
+    output_activation: str,
+    steps: int = 1,
+    step_units: int = 0,
+) -> Any:
     """A compiled dense autoencoder ``n → hidden… → code → reversed(hidden)… → n``.
 
     Layers are plain ``Dense`` (plus ``Dropout`` during training) with built-in activations
     only, so :meth:`detector.DenseNetwork.from_keras` can copy it into the numpy scorer.
     The code layer is named ``code``; loss is MSE, optimiser Adam(``hp.learning_rate``).
+
+    Windowed (``steps > 1``, input = ``steps`` readings flattened): with ``step_units > 0``
+    a per-reading ``Dense(step_units)`` shared by every step comes first (``steps × d →
+    steps × step_units``) and its mirror last (``steps × step_units → steps × d``), so the
+    costly full-width layers see ``steps × step_units`` values instead of ``steps × d``.
     """
     if hp.hidden is None or hp.code_size is None:
         # Auto shapes depend on the input width: trainer.pipeline.resolve_shape fills them.
@@ -99,6 +110,12 @@ def build_autoencoder(n_features: int, hp: ModelConfig, output_activation: str) 
 
     inputs = keras.Input(shape=(n_features,), name="reading")
     h = inputs
+    per_step = steps > 1 and step_units > 0
+    if per_step:
+        d = n_features // steps
+        h = layers.Reshape((steps, d), name="steps")(h)
+        h = dense(step_units, "step_encoder", hp.activation)(h)
+        h = layers.Flatten(name="step_codes")(h)
     for i, width in enumerate(hp.hidden):
         h = dense(width, f"encoder_{i}", hp.activation)(h)
         if hp.dropout > 0:
@@ -108,7 +125,13 @@ def build_autoencoder(n_features: int, hp: ModelConfig, output_activation: str) 
         h = dense(width, f"decoder_{i}", hp.activation)(h)
         if hp.dropout > 0:
             h = layers.Dropout(hp.dropout, name=f"decoder_{i}_dropout")(h)
-    out = dense(n_features, "reconstruction", output_activation)(h)
+    if per_step:
+        h = dense(steps * step_units, "step_codes_out", hp.activation)(h)
+        h = layers.Reshape((steps, step_units), name="steps_out")(h)
+        h = dense(d, "reconstruction_steps", output_activation)(h)
+        out = layers.Flatten(name="reconstruction")(h)
+    else:
+        out = dense(n_features, "reconstruction", output_activation)(h)
     model = keras.Model(inputs, out, name="autoencoder")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=hp.learning_rate), loss="mse")
     return model

@@ -494,6 +494,15 @@ def fit_preprocessor(x_train: F64, scaler: str, impute: str) -> Preprocessor:
         raise DataError(str(e), "set preprocess.constant_columns: drop") from None
 
 
+def step_units(hp: ModelConfig, n_features: int) -> int:
+    """Width of the per-reading layer of a windowed model (0 = none, and always for w = 1)."""
+    if hp.window == 1:
+        return 0
+    if hp.step_units is not None:
+        return hp.step_units
+    return max(2, min(8, round(n_features / 2)))
+
+
 def auto_shape(n_inputs: int) -> tuple[tuple[int, ...], int]:
     """The default architecture for ``n_inputs`` model inputs: hidden ``[4c, 2c]``, code ``c``.
 
@@ -534,14 +543,16 @@ def _fit_model(
     z_train: npt.NDArray[np.float32],
     z_val: npt.NDArray[np.float32],
     progress: Progress,
+    units: int = 0,
 ) -> tuple[Any, FitHistory, tuple[Trial, ...], int, Any]:
     """Fit one model, or run the search; returns (model, history, trials, best, hp)."""
     from trainer.model import build_autoencoder, fit_autoencoder, seed_everything
     from trainer.tune import search
 
     out_act = cfg.output_activation
+    w = hp.window
     if cfg.tune.method != "none":
-        res = search(z_train, z_val, hp, cfg.tune, out_act, progress)
+        res = search(z_train, z_val, hp, cfg.tune, out_act, progress, w, units)
         return res.model, res.history, res.trials, res.best, res.hp
     if not valid_bottleneck(hp):
         raise TrainerError(
@@ -550,18 +561,25 @@ def _fit_model(
             "make the code layer the narrowest layer",
         )
     seed_everything(hp.seed, hp.deterministic)
-    model = build_autoencoder(z_train.shape[1], hp, out_act)
+    model = build_autoencoder(z_train.shape[1], hp, out_act, w, units)
     progress(
-        f"fitting autoencoder {_architecture(z_train.shape[1], hp.hidden, hp.code_size)} "
+        f"fitting autoencoder {_architecture(z_train.shape[1], hp.hidden, hp.code_size, w, units)} "
         f"on {len(z_train)} rows, validating on {len(z_val)}"
     )
     hist = fit_autoencoder(model, z_train, z_val, hp, progress)
     return model, hist, (), -1, hp
 
 
-def _architecture(n: int, hidden: tuple[int, ...] | None, code: int | None) -> str:
-    widths = [n, *(hidden or ()), code, *reversed(hidden or ()), n]
-    return " → ".join(str(w) for w in widths)
+def _architecture(
+    n: int, hidden: tuple[int, ...] | None, code: int | None, w: int = 1, units: int = 0
+) -> str:
+    mid = [*(hidden or ()), code, *reversed(hidden or ())]
+    if w > 1 and units > 0:
+        step = f"{w}×{n // w}"
+        widths = [step, f"{w}×{units}", *mid, f"{w}×{units}", step]
+    else:
+        widths = [n, *mid, n]
+    return " → ".join(str(v) for v in widths)
 
 
 def _windows(
@@ -630,7 +648,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
         )
     warn = list(prep.warnings)
     d = len(ds.feature_names)
-    hp, shape_notes = resolve_shape(cfg.model, w * d)
+    units = step_units(cfg.model, d)
+    hp, shape_notes = resolve_shape(cfg.model, w * (units or d))
     for line in shape_notes:
         say(f"warning: {line}")
     warn += shape_notes
@@ -643,7 +662,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
     timings["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model, hist, trials, best, hp = _fit_model(cfg, hp, z_train, z_val, say)
+    model, hist, trials, best, hp = _fit_model(cfg, hp, z_train, z_val, say, units)
     if not math.isfinite(hist.best_val_loss):
         raise TrainerError(
             "training diverged: the validation loss is not finite",
@@ -719,7 +738,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
     )
 
     t0 = time.perf_counter()
-    metrics = _metrics(cfg, prep, det, hist, trials, best, hp, model, hold_scores, w * d)
+    metrics = _metrics(cfg, prep, det, hist, trials, best, hp, model, hold_scores, w * d, units)
     metrics["warnings"] = warn
     ev = prep.evaluation
     eval_score = eval_labels = codes_eval = None
@@ -826,6 +845,7 @@ def _metrics(
     model: Any,
     hold: Scores,
     n_inputs: int,
+    units: int = 0,
 ) -> dict[str, Any]:
     ds = prep.dataset
     n = n_inputs
@@ -860,7 +880,8 @@ def _metrics(
             "feature_names": list(ds.feature_names),
             "window": det.window,
             "ewma_alpha": det.ewma_alpha,
-            "architecture": _architecture(n, hp.hidden, hp.code_size),
+            "architecture": _architecture(n, hp.hidden, hp.code_size, det.window, units),
+            "step_units": units,
             "hyperparameters": to_mapping(hp),
             "output_activation": cfg.output_activation,
             "scaler": cfg.preprocess.scaler,

@@ -119,6 +119,8 @@ def search(
     tune: TuneConfig,
     output_activation: str,
     progress: Progress | None = None,
+    steps: int = 1,
+    step_units: int = 0,
 ) -> SearchResult:
     """Run the search on scaled float32 splits; one progress line per trial (and per epoch)."""
     todo = candidates(base, tune)
@@ -129,7 +131,7 @@ def search(
     best_i, best_model, best_hist = -1, None, None
     for i, hp in enumerate(todo, start=1):
         seed_everything(hp.seed, hp.deterministic)
-        model = build_autoencoder(x_train.shape[1], hp, output_activation)
+        model = build_autoencoder(x_train.shape[1], hp, output_activation, steps, step_units)
         t0 = time.perf_counter()
         hist = fit_autoencoder(model, x_train, x_val, hp, progress, prefix=f"trial {i}/{n} ")
         params = params_of(hp)

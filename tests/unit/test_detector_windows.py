@@ -228,3 +228,27 @@ def test_windowed_numpy_forward_matches_keras() -> None:
     x = np.random.default_rng(6).normal(0, 2, size=(64, w, D)).astype(np.float32)
     flat = x.reshape(64, w * D)
     np.testing.assert_allclose(net.forward(flat), model.predict(flat, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "linear"])
+def test_per_step_layers_match_keras_and_round_trip(output: str) -> None:
+    from trainer.config import ModelConfig
+    from trainer.model import build_autoencoder, seed_everything
+
+    seed_everything(8, deterministic=False)
+    w, units = 5, 2
+    hp = ModelConfig(hidden=(12, 6), code_size=3, window=w, activation="elu")
+    model = build_autoencoder(w * D, hp, output, steps=w, step_units=units)
+    for layer in model.layers:  # non-zero biases, so bias handling per step is tested
+        if layer.get_weights():
+            k, b = layer.get_weights()
+            layer.set_weights([k, np.random.default_rng(3).normal(0, 0.5, b.shape)])
+    net = DenseNetwork.from_keras(model)
+    assert [lay.steps for lay in net.layers] == [w, 1, 1, 1, 1, 1, 1, w]
+    assert [lay.kernel.shape for lay in net.layers][0] == (D, units)
+    assert net.code_layer == 3 and (net.n_inputs, net.n_outputs) == (w * D, w * D)
+    x = np.random.default_rng(7).normal(0, 2, size=(300, w * D)).astype(np.float32)
+    np.testing.assert_allclose(net.forward(x), model.predict(x, verbose=0), atol=1e-5)
+    arrays, meta = net.to_arrays()
+    back = DenseNetwork.from_arrays(arrays, meta)
+    np.testing.assert_array_equal(back.forward(x), net.forward(x))
