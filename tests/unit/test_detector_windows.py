@@ -245,7 +245,7 @@ def test_per_step_layers_match_keras_and_round_trip(output: str) -> None:
             layer.set_weights([k, np.random.default_rng(3).normal(0, 0.5, b.shape)])
     net = DenseNetwork.from_keras(model)
     assert [lay.steps for lay in net.layers] == [w, 1, 1, 1, 1, 1, 1, w]
-    assert [lay.kernel.shape for lay in net.layers][0] == (D, units)
+    assert net.layers[0].kernel.shape == (D, units)
     assert net.code_layer == 3 and (net.n_inputs, net.n_outputs) == (w * D, w * D)
     x = np.random.default_rng(7).normal(0, 2, size=(300, w * D)).astype(np.float32)
     np.testing.assert_allclose(net.forward(x), model.predict(x, verbose=0), atol=1e-5)
