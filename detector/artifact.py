@@ -17,7 +17,10 @@ Contract of :func:`save`:
     4. only then is ``CURRENT`` replaced atomically (write temp file, ``os.replace``).
 
 :func:`load` verifies the manifest's format version and every checksum before it parses a
-byte, and never unpickles.
+byte, and never unpickles. It also refuses symlinks leaving the artifact or the registry, a
+``CURRENT`` that is a symlink, an implausible threshold, and, when
+``SENSOR_ANOMALY_MODEL_HMAC_KEY`` is set, an unsigned or wrongly signed manifest
+(:mod:`detector.integrity`; :meth:`Registry.save` signs when the key is set).
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ from typing import Any
 import numpy as np
 
 from detector.core import Detector, ModelInfo, WatchedConstant
-from detector.errors import ArtifactError, DetectorError
+from detector.errors import ArtifactError, DetectorError, ThresholdError
+from detector.integrity import (
+    SIGNATURE,
+    check_inside_registry,
+    check_signature,
+    check_threshold,
+    check_tree,
+    read_pointer,
+    sign,
+)
 from detector.network import DenseNetwork
 from detector.preprocess import Preprocessor
 from detector.threshold import Threshold
@@ -147,6 +159,7 @@ def _write_version_dir(
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    sign(tmp, MANIFEST)  # manifest.sig, when SENSOR_ANOMALY_MODEL_HMAC_KEY is set
 
 
 class Registry:
@@ -167,14 +180,7 @@ class Registry:
         return sorted(found, key=lambda v: int(v[1:]))
 
     def current_version(self, name: str) -> str | None:
-        p = self.model_dir(name) / CURRENT
-        try:
-            v = p.read_text().strip()
-        except FileNotFoundError:
-            return None
-        if not _VERSION_RE.match(v):
-            raise ArtifactError(f"{p} holds {v!r}, not a version like v0001; fix or delete it")
-        return v
+        return read_pointer(self.model_dir(name) / CURRENT, _VERSION_RE.pattern)
 
     def current_path(self, name: str) -> Path:
         v = self.current_version(name)
@@ -183,7 +189,9 @@ class Registry:
                 f"no current version of model {name!r} in {self.root}; train one first "
                 "(anomaly-train --config ...)"
             )
-        return self.model_dir(name) / v
+        path = self.model_dir(name) / v
+        check_inside_registry(path, self.model_dir(name))
+        return path
 
     def set_current(self, name: str, version: str) -> None:
         """Point ``CURRENT`` at an existing version (also how to roll back)."""
@@ -246,8 +254,12 @@ def verify(path: Path | str) -> dict[str, Any]:
             missing, added or changed since it was written.
     """
     p = Path(path)
+    if _VERSION_RE.match(p.name) and (p.parent / CURRENT).exists():
+        check_inside_registry(p, p.parent)  # a version folder of a registry
+    check_tree(p)
     try:
-        manifest: dict[str, Any] = json.loads((p / MANIFEST).read_text())
+        raw = (p / MANIFEST).read_bytes()
+        manifest: dict[str, Any] = json.loads(raw)
     except FileNotFoundError:
         raise ArtifactError(
             f"{p} has no {MANIFEST}: not an artifact, or an incomplete one"
@@ -262,7 +274,9 @@ def verify(path: Path | str) -> dict[str, Any]:
             f"{FORMAT_VERSION}; re-train with this version or upgrade sensor-anomaly"
         )
     files: dict[str, str] = manifest.get("files", {})
-    present = {q.relative_to(p).as_posix() for q in p.rglob("*") if q.is_file()} - {MANIFEST}
+    check_signature(p, raw)
+    present = {q.relative_to(p).as_posix() for q in p.rglob("*") if q.is_file()}
+    present -= {MANIFEST, SIGNATURE}
     if missing := sorted(set(files) - present):
         raise ArtifactError(f"{p} is incomplete: missing {missing}; re-train or restore it")
     if added := sorted(present - set(files)):
@@ -286,10 +300,9 @@ def load(path: Path | str) -> Detector:
     """Load and verify an artifact directory into a :class:`Detector` (no TensorFlow needed)."""
     p = Path(path)
     manifest = verify(p)
+    arrays = _load_weights(p / "weights.npz")
     try:
         doc = json.loads((p / "detector.json").read_text())
-        with np.load(p / "weights.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
         info = doc["info"]
         det = Detector(
             feature_names=tuple(doc["feature_names"]),
@@ -315,11 +328,46 @@ def load(path: Path | str) -> Detector:
         raise ArtifactError(
             f"{p}/detector.json is malformed ({type(e).__name__}: {e}); re-train"
         ) from None
+    except ThresholdError as e:
+        raise ArtifactError(f"{p}/detector.json: {e}; re-train") from None
     except DetectorError as e:
         raise ArtifactError(f"{p}: {e}") from None
     if det.info.version != manifest.get("version"):
         raise ArtifactError(f"{p}: detector.json and manifest disagree on the version")
+    try:
+        check_threshold(det.threshold)
+    except ArtifactError as e:
+        raise ArtifactError(f"{p}/detector.json: {e}") from None
     return det
+
+
+def _load_weights(path: Path) -> dict[str, np.ndarray[Any, Any]]:
+    """The dense weights, plain numeric arrays only; never unpickles."""
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for k in npz.files:
+                try:
+                    arrays[k] = npz[k]
+                except ValueError as e:
+                    if "allow_pickle" not in str(e):
+                        raise
+                    raise ArtifactError(
+                        f"{path} holds {k!r} as a pickled object array; refusing it (weights "
+                        "are plain numeric arrays, loaded without unpickling); re-train"
+                    ) from None
+    except ArtifactError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, a truncated member, a bad header
+        raise ArtifactError(
+            f"{path} is not a readable .npz of weights ({type(e).__name__}: {e}); re-train"
+        ) from None
+    for k, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise ArtifactError(
+                f"{path}: array {k!r} has dtype {a.dtype}, not a number type; re-train"
+            )
+    return arrays
 
 
 def load_keras(path: Path | str) -> Any:
