@@ -128,8 +128,18 @@ def build_event(
     since: tuple[int, int],
     model_name: str,
     model_version: str,
+    compared: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> OutputMessage:
-    """One anomaly event, keyed by device id."""
+    """One anomaly event, keyed by device id.
+
+    ``threshold`` is the threshold the reading was compared with (the model's × the device
+    group's multiplier); ``compared`` the score compared with it when that is not ``score``
+    (the smoothed score of a smoothing model). ``extra`` holds the optional fields of newer
+    models (schema: ``window``, ``smoothed_score``, ``threshold_multiplier``, ``out_of_range``
+    as ``[(sensor, excess)]``, ``changed_constants`` as ``[(sensor, expected, value)]``);
+    without it the event is exactly the original v1 shape.
+    """
     doc: dict[str, Any] = {
         "schema": EVENT_SCHEMA,
         "event_id": event_id(record.topic, record.partition, record.offset),
@@ -139,7 +149,7 @@ def build_event(
         "detected_at": iso_ms(detected_ms),
         "score": score,
         "threshold": threshold,
-        "score_ratio": score / threshold,
+        "score_ratio": (score if compared is None else compared) / threshold,
         "anomaly_since": iso_ms(since[0]),
         "anomaly_since_ms": since[0],
         "consecutive_anomalies": since[1],
@@ -157,7 +167,24 @@ def build_event(
         "model": {"name": model_name, "version": model_version},
         "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
     }
+    if extra:
+        _add_extra(doc, extra)
     return OutputMessage(device_id.encode(), _encode(doc), [])
+
+
+def _add_extra(doc: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key in ("window", "smoothed_score", "threshold_multiplier"):
+        if key in extra:
+            doc[key] = extra[key]
+    if "out_of_range" in extra:
+        doc["out_of_range"] = [
+            {"sensor": name, "excess": round(ex, 6)} for name, ex in extra["out_of_range"]
+        ]
+    if "changed_constants" in extra:
+        doc["changed_constants"] = [
+            {"sensor": name, "expected": exp, "value": val}
+            for name, exp, val in extra["changed_constants"]
+        ]
 
 
 def build_dead_letter(
