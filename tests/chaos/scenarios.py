@@ -197,6 +197,7 @@ class Ctx:
     total: int
     faults: list[Fault] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # failures the scenario itself saw
     topics: dict[str, str] = field(default_factory=dict)
     partitions: dict[str, int] = field(default_factory=dict)
 
@@ -294,6 +295,7 @@ def _kill9(ctx: Ctx, n: int) -> None:
         f = ctx.fault(f"kill -9 {name}")
         ctx.sup.kill9(name)
         f.healed = time.monotonic()  # the supervisor restarts it: recovery includes that
+        _rejoin_time(ctx, name, f.healed)
 
 
 def _sigterm(ctx: Ctx, n: int) -> None:
@@ -304,6 +306,21 @@ def _sigterm(ctx: Ctx, n: int) -> None:
         f = ctx.fault(f"SIGTERM {name}")
         ctx.sup.sigterm(name)
         f.healed = time.monotonic()
+        _rejoin_time(ctx, name, f.healed)
+
+
+def _rejoin_time(ctx: Ctx, name: str, since: float, limit: float = 60.0) -> None:
+    """Issue 9 defect 6: a restarted worker must get partitions again within ``limit`` s
+    (2 members, 3 partitions: the range assignor gives each at least one)."""
+    deadline = since + limit
+    while time.monotonic() < deadline:
+        if ctx.sup.slots[name].running() and (ctx.owned(name) or 0) > 0:
+            ctx.notes.append(
+                f"{name} owned partitions {time.monotonic() - since:.1f}s after restart"
+            )
+            return
+        time.sleep(0.5)
+    ctx.problems.append(f"restarted {name} held no partition for {limit:.0f}s (defect 6)")
 
 
 def _broker_restart(ctx: Ctx, sig: int, n: int = 1) -> None:
@@ -661,6 +678,7 @@ def run(
     res.exits = sup.exit_summary()
     res.bad_exits = [f"{e.slot} rc={e.rc} ({e.cause})" for e in sup.bad_exits()]
     res.notes += ctx.notes
+    res.failures += ctx.problems
     try:
         _check(
             res, broker.bootstrap, inp, topics, group, prefix if mode == MODES[1] else None, rdir
