@@ -117,11 +117,13 @@ def run_worker(cfg: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: sys.exit(0))
     try:
-        instance_id = resolve_instance_id(cfg.kafka.instance_id, cfg.kafka.group_id)
+        instance_id = resolve_instance_id(
+            cfg.kafka.instance_id, cfg.kafka.group_id, cfg.kafka.instance_lock_dir
+        )
     except OSError as e:
         raise StartupError(
             f"cannot pick an instance id ({e}); set kafka.instance_id or "
-            "SENSOR_ANOMALY_LOCK_DIR to a writable directory"
+            "kafka.instance_lock_dir to a writable directory"
         ) from None
     log.info(
         "starting %s (instance %s) with config %s",

@@ -45,6 +45,8 @@ class KafkaSettings:
     # across restarts (a restarted single instance takes slot 0 again; in Kubernetes the
     # host name is the pod name, so a StatefulSet pod keeps its id).
     instance_id: str = ""
+    # Where the automatic instance id's lock files live (default: $XDG_RUNTIME_DIR or /tmp).
+    instance_lock_dir: str = ""
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str = "sensor-anomaly"
     transaction_timeout_ms: int = 30000

@@ -16,7 +16,7 @@ is the lowest number ``n >= 0`` whose lock file
 - N workers on one host hold slots 0..N-1; a restarted one takes the lowest free slot, which
   was held by a process that has ended, so no live producer is ever fenced by a sibling.
 
-The lock directory is ``$SENSOR_ANOMALY_LOCK_DIR``, else ``$XDG_RUNTIME_DIR``, else the
+The lock directory is ``kafka.instance_lock_dir``, else ``$XDG_RUNTIME_DIR``, else the
 system temporary directory.
 """
 
@@ -34,15 +34,18 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _held: list[IO[bytes]] = []  # keep the locked files open for the life of the process
 
 
-def lock_dir() -> Path:
-    for var in ("SENSOR_ANOMALY_LOCK_DIR", "XDG_RUNTIME_DIR"):
-        value = os.environ.get(var)
-        if value and Path(value).is_dir():
-            return Path(value)
+def lock_dir(configured: str = "") -> Path:
+    if configured:
+        return Path(configured)
+    value = os.environ.get("XDG_RUNTIME_DIR")
+    if value and Path(value).is_dir():
+        return Path(value)
     return Path(tempfile.gettempdir())
 
 
-def resolve_instance_id(configured: str, group_id: str, max_slots: int = 1024) -> str:
+def resolve_instance_id(
+    configured: str, group_id: str, directory: str = "", max_slots: int = 1024
+) -> str:
     """The configured id, or the automatic ``<host>-<slot>`` (see the module docstring).
 
     The slot's lock is held until the process exits. Raises ``OSError`` only when the lock
@@ -52,7 +55,7 @@ def resolve_instance_id(configured: str, group_id: str, max_slots: int = 1024) -
         return configured
     host = _UNSAFE.sub("_", socket.gethostname()) or "worker"
     group = _UNSAFE.sub("_", group_id)[:80]
-    base = lock_dir()
+    base = lock_dir(directory)
     for slot in range(max_slots):
         path = base / f"sensor-anomaly-{group}-{host}-{slot}.lock"
         f = path.open("ab")

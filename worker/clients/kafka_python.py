@@ -17,6 +17,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.structs import MemberState
 
 from worker.config import WorkerConfig, kafka_security_kwargs
 
@@ -139,8 +140,8 @@ def membership(consumer: KafkaConsumer) -> Any | None:
 
 
 def is_stable_member(consumer: KafkaConsumer) -> bool:
-    state = getattr(consumer.group_metadata(), "state", None)
-    return getattr(state, "name", str(state)) == "STABLE"
+    """Joined and synced (kafka-python's MemberState is a set of string constants)."""
+    return bool(getattr(consumer.group_metadata(), "state", None) == MemberState.STABLE)
 
 
 def build_admin(cfg: WorkerConfig, timeout_ms: int) -> KafkaAdminClient:
