@@ -46,7 +46,41 @@ constraints() {
     echo "# packages an install actually needs are taken from here). Regenerate with"
     echo "# \`make constraints\` (pip freeze of .venv, Python $py, linux x86_64) after changing"
     echo "# pyproject.toml's dependencies, and commit it with that change."
-    .venv/bin/pip freeze --exclude-editable | grep -v '^sensor-anomaly'
+    # Only what sensor-anomaly[dev] (which includes train and confluent) pulls in, at the
+    # versions the tests ran with: other tools installed into .venv by hand stay out.
+    .venv/bin/python - <<'PY'
+import importlib.metadata as md
+import re
+
+from packaging.requirements import Requirement
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+installed = {norm(d.metadata["Name"]): d for d in md.distributions()}
+pins: dict[str, str] = {}
+visited: set[tuple[str, frozenset[str]]] = set()
+todo = [("sensor-anomaly", frozenset({"dev"}))]
+while todo:
+    name, extras = todo.pop()
+    if (norm(name), extras) in visited or norm(name) not in installed:
+        continue
+    visited.add((norm(name), extras))
+    for req in map(Requirement, installed[norm(name)].requires or []):
+        if req.marker is not None and not any(
+            req.marker.evaluate({"extra": e}) for e in (extras or {""})
+        ):
+            continue
+        child = norm(req.name)
+        # pip, setuptools and wheel: pinned below, for the build backend.
+        if child in installed and child not in {"sensor-anomaly", "pip", "setuptools", "wheel"}:
+            dist = installed[child]
+            pins[child] = f"{dist.metadata['Name']}=={dist.version}"
+        todo.append((req.name, frozenset(req.extras)))
+print("\n".join(sorted(pins.values(), key=str.lower)))
+PY
     echo "# The build backend pyproject.toml's [build-system] resolves to (pip applies"
     echo "# PIP_CONSTRAINT inside its isolated build environment too)."
     echo "setuptools==${SETUPTOOLS_VERSION:-84.2.1}"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from string import Template
 from types import ModuleType
@@ -35,7 +36,8 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sensor-anomaly.json"
 COMPOSE = REPO / "docker-compose.yml"
 
 JOB = "sensor-anomaly-worker"
-DATASOURCE_UID = "prometheus"
+DATASOURCE_UID = "${datasource}"  # the dashboard's datasource variable
+RUNBOOK = REPO / "docs" / "runbook.md"
 
 EXPECTED_ALERTS = {
     "SensorAnomalyWorkerDown",
@@ -369,10 +371,205 @@ def test_dashboard_queries_substitution_and_rows(tmp_path: Path) -> None:
         module.dashboard_queries(path)
 
 
+# Grafana dashboard-linter rules (grafana/dashboard-linter; the tool itself is not
+# installable here), applied with a real PromQL parser, honouring the .lint exclusions.
+LINT_PANEL_TYPES = {"stat", "singlestat", "graph", "table", "timeseries", "gauge"}
+RATE_FUNCTIONS = {"rate", "irate", "increase"}
+RATE_SENTINEL = timedelta(seconds=7777)  # stands in for $__rate_interval while parsing
+
+
+def _lint_exclusions() -> dict[str, set[str]]:
+    data = _load_yaml(DASHBOARD.parent / ".lint") or {}
+    return {
+        rule: {entry["panel"] for entry in (spec or {}).get("entries", [])}
+        for rule, spec in (data.get("exclusions") or {}).items()
+    }
+
+
+def _promql_nodes(node: Any) -> Iterator[Any]:
+    import promql_parser as pp
+
+    yield node
+    children: list[Any] = []
+    if isinstance(node, pp.BinaryExpr):
+        children = [node.lhs, node.rhs]
+    elif isinstance(node, pp.AggregateExpr):
+        children = [node.expr] + ([node.param] if node.param is not None else [])
+    elif isinstance(node, pp.Call):
+        children = list(node.args)
+    elif isinstance(node, pp.ParenExpr | pp.UnaryExpr | pp.SubqueryExpr):
+        children = [node.expr]
+    elif isinstance(node, pp.MatrixSelector):
+        children = [node.vector_selector]
+    for child in children:
+        yield from _promql_nodes(child)
+
+
+def _parse_grafana_promql(expr: str) -> Any:
+    try:
+        import promql_parser as pp
+    except ImportError:  # pragma: no cover - a [dev] install has it
+        pytest.fail("promql-parser missing: pip install -e '.[dev]' (make install)")
+    text = expr.replace("$__rate_interval", f"{RATE_SENTINEL.seconds}s")
+    for macro, value in [("$__range", "5m"), ("$__interval", "15s")]:
+        text = text.replace(macro, value)
+    return pp.parse(text)
+
+
+def _lint_templates(dashboard: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    datasources = [v for v in variables.values() if v["type"] == "datasource"]
+    if [(v["name"], v.get("label"), v.get("query")) for v in datasources] != [
+        ("datasource", "Data Source", "prometheus")
+    ]:
+        problems.append("template-datasource-rule: one variable `datasource` (Data Source)")
+    for name in ("job", "instance"):
+        v = variables.get(name) or {}
+        ok = (
+            v.get("type") == "query"
+            and v.get("label") == name
+            and v.get("datasource", {}).get("uid") in {"$datasource", "${datasource}"}
+            and v.get("multi") is True
+            and v.get("allValue") == ".+"
+        )
+        if not ok:
+            problems.append(
+                f"template-{name}-rule: `{name}` must be a multi-select query of "
+                f"$datasource labelled `{name}` with allValue .+"
+            )
+    return problems
+
+
+def _lint_target(title: str, expr: str, rate_excluded: bool) -> list[str]:
+    import promql_parser as pp
+
+    try:
+        tree = _parse_grafana_promql(expr)
+    except Exception as e:
+        return [f"target-promql-rule: {title}: {e}"]
+    problems: list[str] = []
+    for node in _promql_nodes(tree):
+        if isinstance(node, pp.VectorSelector):
+            names = {(m.name, m.value) for m in node.matchers.matchers}
+            if ("job", "$job") not in names:
+                problems.append(f"target-job-rule: {title}: {node.name}")
+            if ("instance", "$instance") not in names:
+                problems.append(f"target-instance-rule: {title}: {node.name}")
+        elif isinstance(node, pp.Call) and node.func.name in RATE_FUNCTIONS and not rate_excluded:
+            ranges = [a.range for a in node.args if isinstance(a, pp.MatrixSelector)]
+            if any(r != RATE_SENTINEL for r in ranges):
+                problems.append(f"target-rate-interval-rule: {title}: {node}")
+    return problems
+
+
+def _lint_dashboard(dashboard: dict[str, Any]) -> list[str]:
+    """Problems the dashboard-linter's rules would report (template-*, panel-*, target-*)."""
+    problems = _lint_templates(dashboard)
+    rate_excluded = _lint_exclusions().get("target-rate-interval-rule", set())
+    for panel in _all_panels(dashboard["panels"]):
+        title = panel.get("title", "")
+        if panel["type"] == "row":
+            continue
+        if panel["type"] in LINT_PANEL_TYPES:
+            if panel.get("datasource", {}).get("uid") not in {"$datasource", "${datasource}"}:
+                problems.append(f"panel-datasource-rule: {title}")
+            defaults = panel.get("fieldConfig", {}).get("defaults", {})
+            if not defaults.get("unit") and not defaults.get("mappings"):
+                problems.append(f"panel-units-rule: {title}")
+        if not panel.get("description"):
+            problems.append(f"panel-title-description-rule: {title}")
+        for target in panel.get("targets", []):
+            problems += _lint_target(title, target["expr"], title in rate_excluded)
+    return problems
+
+
+def test_dashboard_passes_the_dashboard_linter_rules() -> None:
+    problems = _lint_dashboard(_dashboard())
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_linter_rules_can_fail() -> None:
+    # Each rule must be able to say no: break one thing per rule and expect its report.
+    broken = _dashboard()
+    panels = [p for p in _all_panels(broken["panels"]) if p["type"] == "timeseries"]
+    panels[0]["datasource"] = {"type": "prometheus", "uid": "prometheus"}
+    panels[1]["targets"][0]["expr"] = 'rate(sensor_anomaly_batches_total{job=~"$job"}[5m])'
+    broken["templating"]["list"] = [
+        v for v in broken["templating"]["list"] if v["type"] != "datasource"
+    ]
+    problems = "\n".join(_lint_dashboard(broken))
+    for rule in (
+        "template-datasource-rule",
+        "panel-datasource-rule",
+        "target-instance-rule",
+        "target-rate-interval-rule",
+    ):
+        assert rule in problems, rule
+
+
+def test_dashboard_imports_into_any_grafana() -> None:
+    dashboard = _dashboard()
+    (ds_input,) = dashboard["__inputs"]
+    assert ds_input["type"] == "datasource" and ds_input["pluginId"] == "prometheus"
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")
+    assert variable["current"]["value"] == "${" + ds_input["name"] + "}"
+    required = {r["id"] for r in dashboard["__requires"]}
+    used = {p["type"] for p in _all_panels(dashboard["panels"]) if p["type"] != "row"}
+    assert used <= required, used - required
+    # Nothing may point at a fixed datasource uid any more.
+    text = json.dumps(dashboard)
+    assert '"uid": "prometheus"' not in text
+
+
+def test_dashboard_resources_row() -> None:
+    panels = list(_all_panels(_dashboard()["panels"]))
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert "Resources" in rows
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for metric in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ):
+        assert metric in exprs, metric
+
+
+def test_dashboard_links_to_the_runbook() -> None:
+    dashboard = _dashboard()
+    urls = [link["url"] for link in dashboard["links"]]
+    assert any(u.endswith("/docs/runbook.md") for u in urls), urls
+    anchors = _runbook_anchors()
+    for panel in _all_panels(dashboard["panels"]):
+        for link in panel.get("links", []):
+            if "runbook.md#" in link["url"]:
+                assert link["url"].split("#")[1] in anchors, (panel["title"], link["url"])
+
+
+def _runbook_anchors() -> dict[str, str]:
+    """GitHub-style anchors of the runbook's second-level headings -> heading text."""
+    headings = re.findall(r"^## (.+)$", RUNBOOK.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-"): h for h in headings}
+
+
+def test_runbook_has_one_section_per_alert_and_alerts_link_to_it() -> None:
+    alerts = _alert_rules()
+    anchors = _runbook_anchors()
+    assert set(anchors.values()) == set(alerts), (
+        f"runbook sections without an alert: {set(anchors.values()) - set(alerts)}; "
+        f"alerts without a section: {set(alerts) - set(anchors.values())}"
+    )
+    for name, rule in alerts.items():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == f"docs/runbook.md#{name.lower()}", f"{name}: runbook_url {url!r}"
+        assert url.split("#")[1] in anchors
+
+
 def test_grafana_provisioning() -> None:
     datasources = _load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
     (ds,) = datasources["datasources"]
-    assert ds["uid"] == DATASOURCE_UID
+    # The dashboard's datasource variable picks it (the only, default Prometheus).
+    assert ds["uid"] == "prometheus" and ds["isDefault"] is True
     assert ds["type"] == "prometheus"
     assert ds["url"] == "http://prometheus:9090"
     providers = _load_yaml(DEPLOY / "grafana/provisioning/dashboards/dashboards.yml")
@@ -625,6 +822,7 @@ def test_constraints_pin_every_dependency() -> None:
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert version, f"constraints.txt: {line!r} is not an exact pin"
+            assert _requirement_name(name) not in pins, f"constraints.txt pins {name} twice"
             pins[_requirement_name(name)] = version
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     project = pyproject["project"]

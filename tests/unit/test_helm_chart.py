@@ -538,6 +538,20 @@ def test_prometheus_rule_carries_every_rule_file(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_runbook_links_get_the_configured_base(helm: str) -> None:
+    base = "https://git.example.org/ops/sensor-anomaly/-/blob/v0.1.0"
+    rule = _one(
+        render(helm, {"metrics.prometheusRule.runbookBaseUrl": base + "/"}), "PrometheusRule"
+    )
+    urls = [
+        r["annotations"]["runbook_url"]
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
+    assert urls and all(u.startswith(base + "/docs/runbook.md#") for u in urls), urls
+
+
 def test_grafana_dashboard_config_map(rendered: dict[str, list[dict[str, Any]]]) -> None:
     dashboard = _one(rendered["sasl-tls-cron"], "ConfigMap", "dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
