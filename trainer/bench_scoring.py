@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = functools.partial(det.score_windows, wb.windows)
             score = cpu_per_reading(run, n, a.repeat, a.rounds)
-            run = functools.partial(gather_windows, hist, devices, x, w)
-            gather = cpu_per_reading(run, n, a.repeat, a.rounds)
+            fill = functools.partial(gather_windows, hist, devices, x, w)
+            gather = cpu_per_reading(fill, n, a.repeat, a.rounds)
         total = score + gather
         base = base or total
         print(

@@ -124,6 +124,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.pipeline import stderr_progress, train
 
     cfg = load_config(args.config, args.overrides, registry=args.registry)
+    if cfg.data.entity_column is not None or (
+        cfg.data.path is not None and Path(cfg.data.path).is_dir()
+    ):
+        return _train_entities(cfg, args.quiet)
     result = train(cfg, None if args.quiet else stderr_progress())
     m = result.metrics
     parts = [
@@ -140,6 +144,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.artifact is not None:
         print(f"report: {result.artifact / 'report' / 'report.md'}")
     return 0
+
+
+def _train_entities(cfg: Any, quiet: bool) -> int:
+    """One model per entity in one process; exit 2 if any entity had a user error."""
+    from trainer.pipeline import stderr_progress, train_many
+
+    failed = 0
+    for entity, res in train_many(cfg, None if quiet else stderr_progress()):
+        if isinstance(res, TrainerError):
+            failed += 1
+            print(f"error: entity {entity}: {res}", file=sys.stderr)
+            continue
+        cap = " (stopped at the epoch cap)" if not res.history.stopped_early else ""
+        print(
+            f"{entity}: saved {res.artifact}  threshold {res.detector.threshold.value:.6g}"
+            f"  dropped {len(res.metrics['data']['dropped_columns'])} column(s){cap}"
+        )
+    return 2 if failed else 0
 
 
 def _parse_rows(text: str | None) -> tuple[int | None, ...] | None:

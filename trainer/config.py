@@ -105,6 +105,11 @@ class DataConfig:
     label_column: str | None = setting(
         None, "0/1 anomaly label column in the training data, if any; never a feature"
     )
+    entity_column: str | None = setting(
+        None,
+        "one model per distinct value of this column, named <name>-<value>, in one run (data.path "
+        "a folder: one model per file, named <name>-<file stem>); never a feature",
+    )
     drop_anomalies: bool = setting(
         True, "with label_column: drop rows labelled anomalous before training"
     )
@@ -526,6 +531,7 @@ def _check_columns(d: DataConfig) -> None:
     if dup:
         raise ConfigError(f"data.features lists {dup} more than once", "list each feature once")
     for key, col in (
+        ("entity_column", d.entity_column),
         ("label_column", d.label_column),
         ("timestamp_column", d.timestamp_column),
         ("device_column", d.device_column),
@@ -596,6 +602,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         ) from None
     d = cfg.data
+    if d.path is not None and Path(d.path).is_dir():
+        return cfg  # one model per file: each file's config is validated on its own
     fmt = resolve_format(d.format, d.path, "data")
     if fmt == "kafka":
         _check_kafka(d.kafka)

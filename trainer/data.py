@@ -64,6 +64,22 @@ class RawTable:
     def n_rows(self) -> int:
         return len(self.cells[self.columns[0]]) if self.columns else 0
 
+    def take(self, rows: Sequence[int]) -> RawTable:
+        """The table restricted to ``rows`` (in that order); messages keep true row numbers."""
+        idx = list(rows)
+        cells = {
+            c: (
+                v[np.asarray(idx, dtype=np.intp)]
+                if isinstance(v, np.ndarray)
+                else [v[i] for i in idx]
+            )
+            for c, v in self.cells.items()
+        }
+        base = self.locate
+        return RawTable(
+            self.source, self.columns, cells, lambda i: base(idx[i]), self.skipped, self.delimiter
+        )
+
     def sliced(self, rows: Sequence[int | None] | None) -> RawTable:
         """The ``[start, stop)`` row slice (None = unbounded); messages keep true row numbers."""
         if rows is None:

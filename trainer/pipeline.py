@@ -50,6 +50,7 @@ from trainer.config import (
     ModelConfig,
     TrainConfig,
     delimiter_char,
+    from_mapping,
     resolve_format,
     split_size,
     to_mapping,
@@ -134,16 +135,25 @@ def _slice(table: datalib.RawTable, rows: tuple[int | None, ...] | None) -> data
     return table.sliced(rows)
 
 
-def load_training_data(cfg: TrainConfig, progress: Progress = _silent) -> datalib.Dataset:
-    """Read the configured normal data and apply the column rules (see :mod:`trainer.data`)."""
+def load_training_data(
+    cfg: TrainConfig, progress: Progress = _silent, table: datalib.RawTable | None = None
+) -> datalib.Dataset:
+    """Read the configured normal data and apply the column rules (see :mod:`trainer.data`).
+
+    ``table``: already read rows (one entity's, :func:`train_many`) instead of ``data.path``.
+    """
     d = cfg.data
     fmt = cfg.data_format
-    if fmt == "kafka":
+    timestamp: str | None = d.timestamp_column
+    device: str | None = d.device_column
+    if table is not None:
+        pass
+    elif fmt == "kafka":
         from trainer.replay import read_kafka
 
         table = read_kafka(d.kafka, progress)
-        timestamp: str | None = d.kafka.timestamp_field
-        device: str | None = d.kafka.device_field
+        timestamp = d.kafka.timestamp_field
+        device = d.kafka.device_field
     else:
         fields = datalib.RecordFields(
             d.kafka.device_field, d.kafka.timestamp_field, d.kafka.values_field
@@ -157,10 +167,11 @@ def load_training_data(cfg: TrainConfig, progress: Progress = _silent) -> datali
         )
         timestamp, device = d.timestamp_column, d.device_column
     table = _slice(table, d.rows)
+    entity = (d.entity_column,) if d.entity_column and d.entity_column in table.cells else ()
     return datalib.select(
         table,
         d.features,
-        exclude=d.exclude,
+        exclude=(*d.exclude, *entity),
         timestamp_column=timestamp,
         device_column=device,
         label_column=d.label_column,
@@ -290,7 +301,8 @@ def split_rows(ds: datalib.Dataset, cfg: TrainConfig) -> Splits:
 
 def window_rows(ds: datalib.Dataset, w: int) -> npt.NDArray[np.intp]:
     """For every row, the rows of its window (its device's last ``w`` rows in time order,
-    oldest first), int (n, w); ``-1`` in every column for a row without ``w`` readings yet."""
+    oldest first), int (n, w); ``-1`` in every column for a row without ``w`` readings yet
+    since the device's first row or its last gap (:data:`GAP_FACTOR`)."""
     n = ds.n_rows
     out = np.full((n, w), -1, dtype=np.intp)
     order = time_order(ds)
@@ -299,10 +311,27 @@ def window_rows(ds: datalib.Dataset, w: int) -> npt.NDArray[np.intp]:
     groups = device_groups(n, keys)
     for g in groups:
         rows = order[g]  # this device's rows in time order
-        if len(rows) < w:
-            continue
-        out[rows[w - 1 :]] = np.lib.stride_tricks.sliding_window_view(rows, w)
+        for seg in _contiguous(rows, ds.times_ms):
+            if len(seg) >= w:
+                out[seg[w - 1 :]] = np.lib.stride_tricks.sliding_window_view(seg, w)
     return out
+
+
+GAP_FACTOR = 3.0
+"""A step longer than this many times a device's median step between readings is a gap:
+no window spans it (the readings on either side were not taken one after the other)."""
+
+
+def _contiguous(rows: npt.NDArray[np.intp], times: F64 | None) -> list[npt.NDArray[np.intp]]:
+    """One device's time-ordered ``rows`` cut at gaps (all of them without timestamps)."""
+    if times is None or len(rows) < 3:
+        return [rows]
+    dt = np.diff(times[rows])
+    median = float(np.median(dt))
+    if median <= 0:
+        return [rows]
+    cuts = np.flatnonzero(dt > GAP_FACTOR * median) + 1
+    return list(np.split(rows, cuts))
 
 
 def constant_columns(x: F64) -> tuple[list[int], list[int]]:
@@ -393,9 +422,11 @@ class Prepared:
     warnings: tuple[str, ...] = ()
 
 
-def prepare(cfg: TrainConfig, progress: Progress = _silent) -> Prepared:
+def prepare(
+    cfg: TrainConfig, progress: Progress = _silent, table: datalib.RawTable | None = None
+) -> Prepared:
     """Load, filter and split the data, and load the evaluation data: every user error here."""
-    ds = load_training_data(cfg, progress)
+    ds = load_training_data(cfg, progress, table)
     rows_read = ds.n_rows
     dropped_anomalies = 0
     if ds.labels is not None and cfg.data.drop_anomalies:
@@ -613,7 +644,13 @@ def _decision(
     return out
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+    *,
+    save: bool = True,
+    table: datalib.RawTable | None = None,
+) -> TrainResult:
     """Run the whole pipeline (see the module contract) and save a new registry version.
 
     Args:
@@ -631,7 +668,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
     # Progress of the checking stage is held back until it passes, so a user error is the
     # only line the user sees.
     held: list[str] = []
-    prep = prepare(cfg, held.append)
+    prep = prepare(cfg, held.append, table)
     for line in held:
         say(line)
     ds, splits = prep.dataset, prep.splits
@@ -806,6 +843,82 @@ def train(cfg: TrainConfig, progress: Progress | None = None, *, save: bool = Tr
         keras_model=model,
         report_files=report,
     )
+
+
+_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".ndjson", ".json")
+
+
+def _entity_name(base: str, entity: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in entity).strip("._-")
+    return f"{base}-{safe or 'entity'}"[:64]
+
+
+def entities(cfg: TrainConfig) -> list[tuple[str, TrainConfig, datalib.RawTable | None]]:
+    """The per-entity runs of a config: ``(entity, config, rows)``.
+
+    ``data.path`` a folder: one run per data file in it (sorted; ``rows`` None, each file is
+    read by its run). ``data.entity_column``: the file is read once and split by that
+    column's value (first-seen order). Otherwise: one run, the config itself.
+    """
+    d = cfg.data
+    if d.path is not None and Path(d.path).is_dir():
+        files = sorted(p for p in Path(d.path).iterdir() if p.suffix.lower() in _DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"folder {d.path} holds no CSV or JSON Lines files", "check data.path")
+        out: list[tuple[str, TrainConfig, datalib.RawTable | None]] = []
+        for f in files:
+            doc = to_mapping(cfg)
+            doc["data"]["path"] = str(f)
+            doc["name"] = _entity_name(cfg.name, f.stem)
+            if cfg.report.dir:
+                doc["report"]["dir"] = str(Path(cfg.report.dir) / f.stem)
+            out.append((f.stem, from_mapping(doc), None))
+        return out
+    if d.entity_column is None:
+        return [("", cfg, None)]
+    if cfg.data_format == "kafka":
+        raise DataError("data.entity_column is not supported for Kafka replays", "export to a file")
+    table = datalib.read_table(
+        cfg.data_format,
+        d.path,
+        delimiter=delimiter_char(d.delimiter, "data.delimiter"),
+        decimal=d.decimal,
+        fields=datalib.RecordFields(
+            d.kafka.device_field, d.kafka.timestamp_field, d.kafka.values_field
+        ),
+    )
+    if d.entity_column not in table.cells:
+        raise datalib.missing_column(table, d.entity_column, "entity")
+    groups: dict[str, list[int]] = {}
+    for i, v in enumerate(table.cells[d.entity_column]):
+        groups.setdefault("" if v is None else str(v), []).append(i)
+    out = []  # same type as above
+    for value, rows in groups.items():
+        doc = to_mapping(cfg)
+        doc["name"] = _entity_name(cfg.name, value)
+        if cfg.report.dir:
+            doc["report"]["dir"] = str(Path(cfg.report.dir) / doc["name"])
+        out.append((value, from_mapping(doc), table.take(rows)))
+    return out
+
+
+def train_many(
+    cfg: TrainConfig, progress: Progress | None = None, *, save: bool = True
+) -> list[tuple[str, TrainResult | TrainerError]]:
+    """:func:`train` once per entity (:func:`entities`), in this one process, so TensorFlow
+    is imported once. A user error of one entity is returned in its place; the others run.
+    """
+    say = progress or _silent
+    out: list[tuple[str, TrainResult | TrainerError]] = []
+    runs = entities(cfg)
+    for i, (entity, sub, table) in enumerate(runs, start=1):
+        say(f"entity {i}/{len(runs)}: {entity} -> model {sub.name}")
+        try:
+            out.append((entity, train(sub, progress, save=save, table=table)))
+        except TrainerError as e:
+            say(f"error: entity {entity}: {e}")
+            out.append((entity, e))
+    return out
 
 
 def copy_report(report: dict[str, bytes], target: Path) -> Path:
