@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from worker.config import load_config
-from worker.loop import build_consumer
+from worker.clients.kafka_python import build_consumer
 
 
 def main() -> int:

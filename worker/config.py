@@ -32,6 +32,9 @@ class KafkaSettings:
     """Connection, topics and delivery. Durations in milliseconds where the name says ``_ms``."""
 
     bootstrap_servers: str = "127.0.0.1:39092"
+    # The Kafka library: kafka-python (the design card's) or confluent (librdkafka; needs
+    # the `confluent` extra). Same delivery contract, same settings (worker/clients/).
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
     input_topics: tuple[str, ...] = ("sensor-readings",)
     output_topic: str = "sensor-anomalies"
     dead_letter_topic: str = "sensor-readings-dlq"

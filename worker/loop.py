@@ -56,14 +56,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from detector import ArtifactError, Detector
-from worker.clients import kafka_python as kp
-from worker.clients.kafka_python import StartupError, build_consumer, build_producer
+from worker.clients import ClientAdapter, adapter_for
+from worker.clients.kafka_python import StartupError
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource, trained_timestamp
@@ -71,7 +71,7 @@ from worker.pipeline import BatchResult, Scorer
 from worker.records import OutputMessage
 from worker.status import WorkerStatus
 
-__all__ = ["GiveUp", "StartupError", "Worker", "build_consumer", "build_producer"]
+__all__ = ["GiveUp", "StartupError", "Worker"]
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,7 @@ class Worker:
         metrics: WorkerMetrics,
         health: WorkerStatus,
         models: ModelSource,
-        consumer_factory: Callable[[WorkerConfig, str], KafkaConsumer] = build_consumer,
-        producer_factory: Callable[[WorkerConfig, str], KafkaProducer] = build_producer,
+        client: ClientAdapter | None = None,
         instance_id: str = "",
     ) -> None:
         self.cfg = cfg
@@ -168,11 +167,13 @@ class Worker:
         self.health = health
         self.models = models
         self.instance_id = instance_id or cfg.kafka.instance_id or "worker"
-        self._consumer_factory = consumer_factory
-        self._producer_factory = producer_factory
+        # The Kafka library behind the contract (kafka.client): kafka-python or confluent.
+        self.client = client or adapter_for(cfg)
+        self._consumer_factory: Callable[[WorkerConfig, str], Any] = self.client.build_consumer
+        self._producer_factory: Callable[[WorkerConfig, str], Any] = self.client.build_producer
         self._stop = False
-        self.consumer: KafkaConsumer | None = None
-        self.producer: KafkaProducer | None = None
+        self.consumer: Any = None  # the adapter's consumer (kafka-python's interface)
+        self.producer: Any = None
         self.scorer: Scorer | None = None
         self._pending = _Pending()
         self._unc = _Uncommitted()
@@ -256,7 +257,9 @@ class Worker:
                 return False
             self.health.beat()
             try:
-                missing = kp.ensure_topics(self.cfg, timeout_ms=min(k.request_timeout_ms, 5000))
+                missing = self.client.ensure_topics(
+                    self.cfg, timeout_ms=min(k.request_timeout_ms, 5000)
+                )
                 if not missing:
                     self.health.update(problem="")
                     break
@@ -307,7 +310,7 @@ class Worker:
             time.sleep(0.2)
         log.warning("input topic metadata not loaded before joining; assignment may lag")
 
-    def _init_transactions(self, producer: KafkaProducer) -> bool:
+    def _init_transactions(self, producer: Any) -> bool:
         """``init_transactions`` with retries (it waits ``max_block_ms`` per attempt)."""
         backoff = 0.2
         while True:
@@ -455,7 +458,7 @@ class Worker:
                 self._wait_acknowledged(unc.futures)  # step 3
                 self._delivery_failures = 0
                 self.health.update(delivery_ok=True)
-                if kp.membership(self.consumer) is None:
+                if self.client.membership(self.consumer) is None:
                     raise _Reassigned("this member holds no valid group generation")
                 self.consumer.commit(  # step 4
                     offsets=unc.offsets(), timeout_ms=int(self._op_timeout_s() * 1000)
@@ -508,15 +511,15 @@ class Worker:
         if unc.failed is not None:
             self._reset_eos(f"a send failed ({type(unc.failed).__name__}: {unc.failed})")
             return
-        gm = kp.membership(self.consumer)
+        gm = self.client.membership(self.consumer)
         if gm is None:
             self._abort_or_reset()
             self._drop_reassigned("this member holds no valid group generation")
             return
         t = self._op_timeout_s()
         try:
-            kp.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)  # step 3
-            kp.commit_transaction(self.producer, t)  # step 4
+            self.client.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)  # step 3
+            self.client.commit_transaction(self.producer, t)  # step 4
         except KafkaError as e:
             name = type(e).__name__
             if name in _REASSIGNED_ERRORS:
@@ -536,7 +539,7 @@ class Worker:
         if self.producer is None or not self._unc.in_transaction:
             return
         try:
-            kp.abort_transaction(self.producer, self._op_timeout_s())
+            self.client.abort_transaction(self.producer, self._op_timeout_s())
             self._unc.in_transaction = False
         except KafkaError as e:
             self._needs_reset = f"abort failed ({type(e).__name__})"
@@ -670,7 +673,7 @@ class Worker:
 
     def _housekeeping(self) -> None:
         assert self.consumer is not None
-        self.health.set_member(kp.is_stable_member(self.consumer))
+        self.health.set_member(self.client.is_stable_member(self.consumer))
         self._refresh_lag()
         self._check_give_up()
         self._maybe_reload()
@@ -727,7 +730,7 @@ class Worker:
         assert self.consumer is not None
         if not revoked and not self._unc.results and not self._pending.records:
             return  # the first join: nothing to hand over
-        if kp.membership(self.consumer) is None:
+        if self.client.membership(self.consumer) is None:
             # Not ours to commit any more (kafka-python may report a lost generation as a
             # revocation on close): same as on_lost.
             self.on_lost(revoked)
@@ -790,15 +793,15 @@ class Worker:
 
     async def _commit_for_revoke(self, unc: _Uncommitted) -> None:
         assert self.consumer is not None and self.producer is not None
-        gm = kp.membership(self.consumer)
+        gm = self.client.membership(self.consumer)
         if gm is None:
             raise DeliveryFailed("no valid group generation")
         t = min(self._op_timeout_s(), 10.0)
         if self._eos:
             if unc.failed is not None or not unc.in_transaction:
                 raise DeliveryFailed("the transaction cannot be committed")
-            kp.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)
-            kp.commit_transaction(self.producer, t)
+            self.client.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)
+            self.client.commit_transaction(self.producer, t)
             return
         if unc.resend:
             raise DeliveryFailed("some outputs were never handed to the producer")
