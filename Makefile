@@ -14,10 +14,11 @@ export KAFKA_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 help:
 	@echo "make test | make demo | make bench | make lint | make typecheck | make kafka-start | make kafka-stop"
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt: the exact versions the tests ran with (make constraints regenerates it).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 system-deps:
