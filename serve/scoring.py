@@ -32,9 +32,11 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from detector import Contribution
 from detector.halves import decode, encode
 from serve.config import ServeConfig
 from serve.models import ModelSlot
+from worker.config import ReadingSettings
 from worker.decode import DecodedBatch, Failure
 from worker.reasons import Reason, Stage
 
@@ -167,31 +169,47 @@ class _Parsed:
     anonymous: list[bool]  # per input reading: device_id was absent
 
 
-def _head_decoder(cfg: ServeConfig) -> msgspec.json.Decoder[Any]:
-    """Reads only which header fields and feature names a reading has (values skipped)."""
-    s = cfg.reading
-    raw_default = msgspec.Raw()
+_ABSENT = msgspec.Raw()  # the default of every head field: identity means "not sent"
+
+
+def _head_decoder(reading: ReadingSettings, names: tuple[str, ...]) -> msgspec.json.Decoder[Any]:
+    """Reads which header fields a reading has, and refuses feature names not in ``names``.
+
+    Every field is a ``msgspec.Raw`` (the value is skipped, not parsed): the typed checks are
+    the worker decoder's. ``forbid_unknown_fields`` makes the parser itself name the first
+    unknown feature, so a good reading costs about one microsecond here.
+    """
+    s = reading
+    feats = [(f"f{i}", msgspec.Raw, _ABSENT) for i in range(len(names))]
+    rename = {f"f{i}": n for i, n in enumerate(names)}
+    head = [("device", msgspec.Raw, _ABSENT), ("ts", msgspec.Raw, _ABSENT)]
+    head_names = {"device": s.device_field, "ts": s.timestamp_field}
     if s.values_field:
+        values_t = msgspec.defstruct("Values", feats, rename=rename, forbid_unknown_fields=True)
         tp = msgspec.defstruct(
             "Head",
-            [
-                ("device", msgspec.Raw, raw_default),
-                ("ts", msgspec.Raw, raw_default),
-                ("values", dict[str, msgspec.Raw], {}),
-            ],
-            rename={"device": s.device_field, "ts": s.timestamp_field, "values": s.values_field},
+            [*head, ("values", values_t | None, None)],
+            rename={**head_names, "values": s.values_field},
         )
-        return msgspec.json.Decoder(tp)
-    return msgspec.json.Decoder(dict[str, msgspec.Raw])
+    else:
+        tp = msgspec.defstruct(
+            "Head", [*head, *feats], rename={**head_names, **rename}, forbid_unknown_fields=True
+        )
+    return msgspec.json.Decoder(tp)
 
 
-_HEADS: dict[int, msgspec.json.Decoder[Any]] = {}
+_HEADS: dict[tuple[ReadingSettings, tuple[str, ...]], msgspec.json.Decoder[Any]] = {}
 
 
-def _heads(cfg: ServeConfig) -> msgspec.json.Decoder[Any]:
-    d = _HEADS.get(id(cfg.reading))
+def _heads(cfg: ServeConfig, slot: ModelSlot) -> msgspec.json.Decoder[Any]:
+    """The head decoder for these reading settings and this model's features (cached)."""
+    det = slot.detector
+    key = (cfg.reading, det.feature_names + tuple(c.name for c in det.constants))
+    d = _HEADS.get(key)
     if d is None:
-        d = _HEADS[id(cfg.reading)] = _head_decoder(cfg)
+        if len(_HEADS) > 64:  # reloads bring new feature sets; keep the cache bounded
+            _HEADS.clear()
+        d = _HEADS[key] = _head_decoder(*key)
     return d
 
 
@@ -203,12 +221,13 @@ def _complete(raw: bytes, fields: list[bytes]) -> bytes:
     return raw[:start] + b",".join(fields) + sep + raw[start:]
 
 
-def _unknown_features_error(i: int, unknown: list[str], slot: ModelSlot) -> ApiError:
+def _unknown_features_error(i: int, unknown: str, slot: ModelSlot) -> ApiError:
+    where = f"readings[{i}].values" if slot.detector.feature_names else f"readings[{i}]"
     return ApiError(
         422,
-        f"readings[{i}] has feature(s) {sorted(unknown)[:10]} that model {slot.name!r} "
-        f"version {slot.version} does not know",
-        field=f"readings[{i}].values.{sorted(unknown)[0]}",
+        f"readings[{i}] has feature {unknown!r}, which model {slot.name!r} version "
+        f"{slot.version} does not know",
+        field=f"{where}.{unknown}",
         fix="send only the model's features (GET /v1/models/{name} lists them)",
         expected_features=list(slot.detector.feature_names),
     )
@@ -220,9 +239,7 @@ def parse_readings(body: bytes, slot: ModelSlot, cfg: ServeConfig) -> _Parsed:
     raws = parse_json(body, ReadingsBody, "readings").readings
     _check_count(len(raws), cfg, "readings")
     s = cfg.reading
-    det = slot.detector
-    known = set(det.feature_names).union(c.name for c in det.constants)
-    head = _heads(cfg).decode
+    head = _heads(cfg, slot).decode
     values: list[bytes] = []
     anonymous: list[bool] = []
     now_ms: int | None = None
@@ -232,26 +249,30 @@ def parse_readings(body: bytes, slot: ModelSlot, cfg: ServeConfig) -> _Parsed:
         raw = bytes(r)
         try:
             h = head(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            # Not an object, or values not an object: the worker's decoder names the reason.
+        except msgspec.ValidationError as e:
+            msg = str(e)
+            if msg.startswith("Object contains unknown field `"):
+                raise _unknown_features_error(i, msg.split("`")[1], slot) from None
+            # Not an object, values not an object: the worker's decoder names the reason.
             values.append(raw)
             anonymous.append(False)
             continue
-        if s.values_field:
-            has_dev, has_ts, names = bool(memoryview(h.device)), bool(memoryview(h.ts)), h.values
-        else:
-            has_dev, has_ts = s.device_field in h, s.timestamp_field in h
-            names = {k: v for k, v in h.items() if k not in (s.device_field, s.timestamp_field)}
-        unknown = [k for k in names if k not in known]
-        if unknown:
-            raise _unknown_features_error(i, unknown, slot)
+        except msgspec.DecodeError:
+            values.append(raw)
+            anonymous.append(False)
+            continue
+        has_dev, has_ts = h.device is not _ABSENT, h.ts is not _ABSENT
+        if has_dev and has_ts:
+            values.append(raw)
+            anonymous.append(False)
+            continue
         add = []
         if not has_dev:
             add.append(dev_key + b':"' + ANONYMOUS_DEVICE.encode() + b'"')
         if not has_ts:
             now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
             add.append(ts_key + b":" + str(now_ms).encode())
-        values.append(_complete(raw, add) if add else raw)
+        values.append(_complete(raw, add))
         anonymous.append(not has_dev)
     batch = slot.reading_decoder(cfg).decode(values)
     if not batch.index:
@@ -319,6 +340,20 @@ def _finish(slot: ModelSlot, results: list[dict[str, Any] | None], **counts: int
     return msgspec.json.encode(doc)
 
 
+def _contributor_docs(found: list[Contribution]) -> list[dict[str, Any]]:
+    # Rounded as in the worker's events (worker.events.build_event).
+    return [
+        {
+            "sensor": c.sensor,
+            "share": round(c.share, 6),
+            "value": c.value,
+            "expected": c.expected,
+            "error_z": round(c.error_z, 3),
+        }
+        for c in found
+    ]
+
+
 def score(body: bytes, slot: ModelSlot, cfg: ServeConfig) -> tuple[bytes, int, int, int]:
     """``POST /v1/models/{name}/score``.
 
@@ -363,16 +398,7 @@ def score(body: bytes, slot: ModelSlot, cfg: ServeConfig) -> tuple[bytes, int, i
             "score_ratio": sj / thr,
             "is_anomaly": j in contributors,
             # Rounded as in the worker's events.
-            "contributors": [
-                {
-                    "sensor": c.sensor,
-                    "share": round(c.share, 6),
-                    "value": c.value,
-                    "expected": c.expected,
-                    "error_z": round(c.error_z, 3),
-                }
-                for c in contributors.get(j, ())
-            ],
+            "contributors": _contributor_docs(contributors[j]) if j in contributors else [],
             "out_of_range": (
                 [{"sensor": f, "excess": e} for f, e in oor.features(j)] if j in oor_rows else []
             ),
