@@ -189,15 +189,17 @@ def _seconds(text: str) -> float:
 
 def wrk(url: str, body_file: Path | None, conns: int, seconds: float, tmp: Path) -> dict[str, Any]:
     """One wrk run; requests/s, p50/p99 latency in seconds, errors (non-2xx, socket)."""
-    cmd = ["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout",
-           "30s"]  # fmt: skip
+    duration = f"-d{max(1, round(seconds))}s"
+    cmd = ["wrk", f"-t{min(conns, 2)}", f"-c{conns}", duration, "--latency", "--timeout", "30s"]
     if body_file is not None:
         lua = tmp / f"{body_file.stem}.lua"
         lua.write_text(WRK_LUA.format(body=body_file))
         cmd += ["-s", str(lua)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
+    if set(lat) != {"50", "99"}:
+        raise SystemExit(f"cannot read wrk's latency distribution from:\n{out}")
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
@@ -307,22 +309,29 @@ def frameworks(seconds: float, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.0f}×" if b > 0 else "∞ (seed: 0)"
+
+
 def markdown(res: dict[str, Any]) -> str:
+    """The table for docs/benchmarks.md: wall-clock figures and server CPU per request."""
     rows = res["rows"]
     by = {(r["server"], r["readings_per_request"], r["concurrency"]): r for r in rows}
     lines = [
         "| readings/request | concurrency | seed req/s | seed p50 / p99 ms | anomaly-serve req/s "
-        "| anomaly-serve p50 / p99 ms | req/s ratio | server CPU ms/req seed / serve |",
-        "|---|---|---|---|---|---|---|---|",
+        "| anomaly-serve p50 / p99 ms | req/s ratio | server CPU ms/req seed / serve "
+        "| CPU ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in (1, 100):
         for c in (1, 16):
             a, b = by[("seed", n, c)], by[("anomaly-serve", n, c)]
+            ca, cb = a["server_cpu_ms_per_request"], b["server_cpu_ms_per_request"]
             lines.append(
                 f"| {n} | {c} | {a['requests_per_s']:.1f} | {a['p50_s'] * 1e3:.1f} / "
                 f"{a['p99_s'] * 1e3:.1f} | {b['requests_per_s']:.0f} | {b['p50_s'] * 1e3:.2f} / "
-                f"{b['p99_s'] * 1e3:.2f} | {b['requests_per_s'] / a['requests_per_s']:.0f}× | "
-                f"{a['server_cpu_ms_per_request']:.1f} / {b['server_cpu_ms_per_request']:.3f} |"
+                f"{b['p99_s'] * 1e3:.2f} | {_ratio(b['requests_per_s'], a['requests_per_s'])} "
+                f"| {ca:.1f} / {cb:.3f} | {_ratio(ca, cb)} |"
             )
     if res.get("frameworks"):
         lines += [
@@ -336,12 +345,25 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {r['framework']} | {r['http']} | {r['requests_per_s']:.0f} | "
                 f"{r['p50_s'] * 1e3:.3f} | {r['server_cpu_ms_per_request']:.3f} |"
             )
+    m = res["machine"]
+    lines += [
+        "",
+        f"{m['cpus']} CPUs, load average {m['loadavg_before'][0]:.1f} before and "
+        f"{m['loadavg_after'][0]:.1f} after the run (other work shares the machine); "
+        f"`{res['command']}`, {res['when']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per timed wrk run")
+    ap.add_argument(
+        "--seed-seconds",
+        type=float,
+        default=15.0,
+        help="per timed wrk run against the seed (its requests take 50 ms to seconds)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "serve.json")
     ap.add_argument("--markdown", type=Path, default=REPO / "bench-out" / "serve.md")
     ap.add_argument("--skip-frameworks", action="store_true")
@@ -383,7 +405,7 @@ def main() -> int:
             say(f"same model: max |seed score - anomaly-serve score| = {diff:.2e}")
             if diff > 1e-5:
                 raise SystemExit(f"the two servers disagree by {diff}")
-            rows = load_runs("seed", seed_url, seed.pid, files, args.seconds, tmp)
+            rows = load_runs("seed", seed_url, seed.pid, files, args.seed_seconds, tmp)
             rows += load_runs("anomaly-serve", serve_url, serve.pid, files, args.seconds, tmp)
         finally:
             for p in procs:
