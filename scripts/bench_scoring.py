@@ -4,6 +4,7 @@ Run by ``scripts/bench.py`` twice, each time in a process of its own::
 
     python scripts/bench_scoring.py build  --registry DIR --out FILE.json [--repeats 5]
     python scripts/bench_scoring.py worker --registry DIR --out FILE.json [--repeats 5]
+    python scripts/bench_scoring.py decode --out FILE.json [--baseline GITREF ...]
 
 ``build`` fits a real Keras dense autoencoder, 38 → 32 → 16 → 8 → 16 → 32 → 38 (relu, sigmoid
 output, MinMaxScaler), briefly on the simulator's normal data, freezes it with
@@ -17,6 +18,11 @@ worker's: a process holding TensorFlow's many Python objects pays for them in ev
 collection and measured up to 40 % slower), and times bytes in → event bytes out through
 ``worker.pipeline.Scorer.process`` (msgspec decode + validation, numpy preprocessing and
 forward pass, events), and msgspec decoding alone for reference.
+
+``decode`` times ``ReadingDecoder.decode`` alone (bytes → validated feature matrix, batch
+1024, the 38-sensor readings) as CPU µs per reading, interleaved, in one process, beside the
+``worker/decode.py`` of each ``--baseline`` git revision (loaded from ``git show``), so a
+before/after comparison shares one machine state. It needs no model (``--registry`` unused).
 
 Both at batch 64 and 1024, on one thread (numpy/BLAS and TensorFlow pinned to 1 thread, so
 "per core" means per core), as readings per CPU-second (median, min, max of ``--repeats``).
@@ -178,15 +184,24 @@ def timed(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["build", "worker"])
-    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("mode", choices=["build", "worker", "decode"])
+    p.add_argument("--registry", type=Path)
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="GITREF",
+        help="decode mode: also time worker/decode.py as of this git revision",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0, help="CPU seconds per repeat")
     args = p.parse_args()
     t0 = time.perf_counter()
     with threadpool_limits(1):
-        if args.mode == "build":
+        if args.mode == "decode":
+            result = decode_paths(args.baseline, max(args.repeats, 3), args.seconds)
+        elif args.mode == "build":
             det, model, scaler, model_info = build_model(args.registry)
             say(
                 f"model fitted in {model_info['fit_seconds']:.1f} s, saved "
@@ -199,6 +214,8 @@ def main() -> int:
         else:
             from detector import Registry, load
 
+            if args.registry is None:
+                p.error("--registry is required for build and worker")
             reg = Registry(args.registry)
             det = load(reg.current_path("sensors"))
             result = worker_paths(det, args.repeats, args.seconds)
@@ -276,6 +293,73 @@ def worker_paths(det: Any, repeats: int, seconds: float) -> dict[str, Any]:
     say("msgspec decode alone (reference) ...")
     out["decode_only_batch_1024"] = decode_only()
     return out
+
+
+def _decoder_at(ref: str) -> Any:
+    """``ReadingDecoder`` from ``worker/decode.py`` as of git revision ``ref``."""
+    import subprocess
+    import types
+
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{ref}:worker/decode.py"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    mod = types.ModuleType(f"decode_at_{ref}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up there
+    exec(compile(src, f"{ref}:worker/decode.py", "exec"), mod.__dict__)
+    return mod.ReadingDecoder
+
+
+def decode_paths(baselines: list[str], repeats: int, seconds: float) -> dict[str, Any]:
+    """CPU µs per reading of ReadingDecoder.decode, current tree vs each baseline revision.
+
+    Interleaved: every repeat times each variant once, in turn, so drifting machine load
+    hits all of them alike. Each variant must decode every reading (no failures).
+    """
+    import msgspec
+
+    from worker.config import ReadingSettings
+    from worker.decode import ReadingDecoder
+
+    _, values = _records()
+    batches = [values[i : i + 1024] for i in range(0, len(values), 1024)]
+    from simulator.fleet import FleetSpec, feature_names
+
+    names = feature_names(FleetSpec(devices=DEVICES, sensors=SENSORS, seed=SEED))
+    variants: dict[str, Any] = {"current": ReadingDecoder(names, ReadingSettings())}
+    for ref in baselines:
+        variants[ref] = _decoder_at(ref)(names, ReadingSettings())
+    typed = variants["current"]._fast_decoder.decode
+    for name, dec in variants.items():
+        got = dec.decode(batches[0])
+        if got.failures or len(got.index) != len(batches[0]):
+            raise SystemExit(f"decoder {name} refused readings: {got.failures[:1]}")
+
+    def one(fn: Callable[[list[bytes]], Any]) -> float:
+        def step(b: list[bytes]) -> int:
+            fn(b)
+            return 0
+
+        return 1e6 / timed(step, batches, seconds)[0]
+
+    cols: dict[str, list[float]] = {k: [] for k in [*variants, "msgspec typed parse only"]}
+    for _ in range(repeats):
+        for name, dec in variants.items():
+            cols[name].append(one(dec.decode))
+        cols["msgspec typed parse only"].append(one(lambda b: list(map(typed, b))))
+    say("decode, CPU µs per reading (median of interleaved repeats):")
+    for k, v in cols.items():
+        say(f"  {k:28s} {statistics.median(v):.2f}  (min {min(v):.2f}, max {max(v):.2f})")
+    return {
+        "decode_us_per_reading": {k: summary(v) for k, v in cols.items()},
+        "readings": len(values),
+        "batch": 1024,
+        "msgspec": msgspec.__version__,
+    }
 
 
 def tutorial_paths(

@@ -33,11 +33,12 @@ or of which decode path ran), decided in this order, first match wins:
 from __future__ import annotations
 
 import re
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import chain
+from itertools import starmap
 from operator import attrgetter
 from typing import Any
 
@@ -161,6 +162,7 @@ class ReadingDecoder:
             _reading_type(self.features, s, float, float("nan"))
         )
         self._good_ids: set[str] = set()
+        self._pack_row = struct.Struct(f"={len(self.features)}d").pack  # native doubles
 
     def _now(self) -> int:
         if self._now_ms is not None:
@@ -306,8 +308,12 @@ class ReadingDecoder:
             return None
         n, n_f = len(recs), len(self.features)
         rows = (_astuple(r)[2:] for r in recs) if self._flat else map(_astuple, map(_VALUES, recs))
-        x = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * n_f)
-        return self._validate(list(range(n)), x.reshape(n, n_f), devices, ts, [])
+        # struct.pack turns a row of Python floats into C doubles in one call: about 40 %
+        # cheaper than np.fromiter's per-value conversion (docs/benchmarks.md). Every value
+        # is a float here (the fast decoder's type), so the packing cannot fail.
+        packed = b"".join(starmap(self._pack_row, rows))
+        x = np.frombuffer(packed, dtype=np.float64).reshape(n, n_f).copy()  # writable
+        return self._validate(list(range(n)), x, devices, ts, [])
 
     def _fast_stamps(self, stamps: list[Any]) -> npt.NDArray[np.int64] | None:
         """Epoch-ms timestamps as int64, or None if one is unparsable or overflows int64."""
