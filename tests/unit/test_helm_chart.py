@@ -300,7 +300,7 @@ def test_baked_image_mode(helm: str, rendered: dict[str, list[dict[str, Any]]]) 
         assert "initContainers" not in pod, name
     error = render_error(helm, {"model.source": "image"})
     assert "trainer.job.enabled=false" in error
-    assert "must be pvc or image" in render_error(helm, {"model.source": "s3"})
+    assert "/model/source" in render_error(helm, {"model.source": "s3"})
 
 
 # ------------------------------------------------------------ config and secrets
@@ -432,6 +432,13 @@ def test_max_replicas_above_partitions_is_refused(helm: str) -> None:
     assert render(helm, {"keda.maxReplicaCount": 8, "kafka.inputPartitions": 8})
     error = render_error(helm, {"keda.enabled": False, "worker.replicas": 5})
     assert "worker.replicas (5) is above kafka.inputPartitions (4)" in error
+
+
+def test_values_schema_refuses_typos_and_bad_values(helm: str) -> None:
+    # values.schema.json: a misspelt key or an impossible value stops the render, naming it.
+    assert "'maxReplicas' not allowed" in render_error(helm, {"keda.maxReplicas": 3})
+    assert "/kafka/securityProtocol" in render_error(helm, {"kafka.securityProtocol": "SASL"})
+    assert "/keda/lagThreshold" in render_error(helm, {"keda.lagThreshold": "0"})
 
 
 def test_grace_period_must_exceed_the_stop_bound(helm: str) -> None:
