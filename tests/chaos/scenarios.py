@@ -417,7 +417,7 @@ def _ci(ctx: Ctx) -> None:
     ctx.sup.resume("w1")
     f.healed = time.monotonic()
     ctx.at(0.55)
-    down = ctx.rng.uniform(10, 14)
+    down = ctx.rng.uniform(10, 12)
     f = ctx.fault(f"broker SIGKILL, down {down:.0f}s")
     ctx.broker.stop(signal.SIGKILL)
     time.sleep(down)

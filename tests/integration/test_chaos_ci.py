@@ -1,7 +1,7 @@
 """The chaos suite's CI profile (issue 9), run by ``make test``; ``make chaos`` runs the rest.
 
 Against a private broker of its own (the shared one is never signalled): 50k readings with
-2 workers, kill -9 ×2, a zombie (SIGSTOP past the session timeout while the other member
+2 workers (40k readings at 3,000/s), kill -9 ×2, a zombie (SIGSTOP past the session timeout while the other member
 takes over, then SIGCONT) and one broker SIGKILL restart; and a worker started before its
 output topic exists. Both delivery modes. The oracle is the worker's own Scorer run offline
 on the input topic; the verifier reads with confluent-kafka under ``read_committed``.
@@ -26,8 +26,8 @@ from tests.chaos.broker import PrivateBroker
 
 pytestmark = pytest.mark.integration
 
-READINGS = 50_000
-RATE = 2500.0
+READINGS = 40_000
+RATE = 3000.0
 
 
 def _port_pair() -> int:
