@@ -1,10 +1,11 @@
 """The chaos suite's CI profile (issue 9), run by ``make test``; ``make chaos`` runs the rest.
 
-Against a private broker of its own (the shared one is never signalled): 50k readings with
-2 workers (40k readings at 3,000/s), kill -9 ×2, a zombie (SIGSTOP past the session timeout while the other member
-takes over, then SIGCONT) and one broker SIGKILL restart; and a worker started before its
-output topic exists. Both delivery modes. The oracle is the worker's own Scorer run offline
-on the input topic; the verifier reads with confluent-kafka under ``read_committed``.
+Against a private broker of its own (the shared one is never signalled): 40k readings at
+3,000 records/s with 2 workers, kill -9 ×2, a zombie (SIGSTOP past the session timeout while
+the other member takes over, then SIGCONT) and one broker SIGKILL restart; and a worker
+started before its output topic exists. Both delivery modes. The oracle is the worker's own
+Scorer run offline on the input topic; the verifier reads with confluent-kafka under
+``read_committed``.
 
 Pass means: exactly-once 0 lost and 0 duplicated events and dead letters; at-least-once 0
 lost, duplicates only as identical copies (same ``event_id`` and score); nothing unexpected;
