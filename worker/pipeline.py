@@ -35,12 +35,11 @@ import numpy.typing as npt
 
 from detector import Detector, Scores
 from detector.smoothing import ewma_batch
-from detector.windows import gather_windows
 from worker.config import EventSettings, ReadingSettings
 from worker.decode import DecodedBatch, Failure, ReadingDecoder
 from worker.events import DeviceGroups, EpisodeTracker, build_dead_letter, build_event
 from worker.incidents import ScoredBatch, ThresholdMultipliers
-from worker.memory import DeviceMemory
+from worker.memory import DeviceMemory, gather
 from worker.reasons import Reason, Stage
 from worker.records import InputRecord, OutputMessage
 
@@ -71,7 +70,6 @@ class BatchResult:
         above_threshold_by_group: scored readings with compared score > model threshold (no
             multiplier): compare with ``expected_rate``.
         out_of_range_by_group: scored readings with a feature outside the training range.
-        ratio_by_group: ``score_ratio`` split by device group (for the PSI of drift metrics).
         warming_up / warming_up_by_group: readings not scored because their device's window
             is not full yet (windowed models only).
         replayed: re-delivered readings skipped because the restored device memory already
@@ -93,11 +91,26 @@ class BatchResult:
     expected_rate: float = float("nan")
     above_threshold_by_group: Counter[str] = field(default_factory=Counter)
     out_of_range_by_group: Counter[str] = field(default_factory=Counter)
-    ratio_by_group: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     warming_up: int = 0
     warming_up_by_group: Counter[str] = field(default_factory=Counter)
     replayed: int = 0
     scored_batch: ScoredBatch | None = None
+    _ratio_parts: tuple[npt.NDArray[np.float64], list[str], Mapping[str, str]] | None = None
+
+    def ratio_by_group(self) -> dict[str, npt.NDArray[np.float64]]:
+        """``score_ratio`` split by device group label (for the PSI of the drift metrics)."""
+        if self._ratio_parts is None:
+            return {}
+        ratio, devices, group_of = self._ratio_parts
+        groups = list(self.scored_by_group)
+        if len(groups) == 1:
+            return {groups[0]: ratio}
+        code = {g: i for i, g in enumerate(groups)}
+        code_of = {d: code[g] for d, g in group_of.items() if g in code}
+        codes = np.fromiter(map(code_of.__getitem__, devices), np.intp, count=len(devices))
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(groups) + 1))
+        return {g: ratio[order[bounds[i] : bounds[i + 1]]] for i, g in enumerate(groups)}
 
 
 class Scorer:
@@ -205,6 +218,7 @@ class Scorer:
         if not hit:
             return None
         skip = np.zeros(len(batch.index), dtype=bool)
+        past: set[str] = set()  # guarded devices with a reading newer than their state
         for j, dev in enumerate(batch.device_ids):
             pos = guard.get(dev)
             if pos is None:
@@ -212,7 +226,10 @@ class Scorer:
             rec = records[batch.index[j]]
             if rec.topic == pos[0] and rec.partition == pos[1] and rec.offset <= pos[2]:
                 skip[j] = True
-        for dev in hit:
+            else:
+                past.add(dev)
+        # Re-deliveries can span batches: a device stays guarded until a newer reading.
+        for dev in past:
             del guard[dev]
         return skip if skip.any() else None
 
@@ -270,11 +287,10 @@ class Scorer:
         if det.window > 1:
             mem = self.memory.history
             prior = {d: mem[d] for d in set(batch.device_ids).intersection(mem)}
-            wb = gather_windows(prior, batch.device_ids, batch.x, det.window)
-            history = wb.history
-            scores = det.score_windows(wb.windows)
-            if len(wb.rows) != len(batch.index):
-                sel = wb.rows
+            windows, ends, history = gather(prior, batch.device_ids, batch.x, det.window)
+            scores = det.score_windows(windows)
+            if len(ends) != len(batch.index):
+                sel = ends
         else:
             scores = det.score(batch.x)
         if sel is None:
@@ -378,13 +394,10 @@ class Scorer:
     ) -> None:
         """Drift counts: ratios per group, above the model threshold, out of training range."""
         devices = rows.devices
-        if len(out.scored_by_group) == 1:
-            out.ratio_by_group[next(iter(out.scored_by_group))] = ratio
-        elif out.scored_by_group:
-            fin_devs = devices if fin_l is None else list(compress(devices, fin_l))
-            labels = np.array([group_of[d] for d in fin_devs])
-            for g in out.scored_by_group:
-                out.ratio_by_group[g] = ratio[labels == g]
+        # The per-group split of the ratios is left to whoever asks (the drift metrics):
+        # keep what it needs, not the per-row work.
+        out._ratio_parts = (ratio, devices if fin_l is None else list(compress(devices, fin_l)),
+                            group_of)  # fmt: skip
         above_rows = np.flatnonzero(above_model).tolist()
         if above_rows:
             out.above_threshold_by_group.update(group_of[devices[j]] for j in above_rows)
