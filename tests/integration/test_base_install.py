@@ -155,7 +155,7 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model the real trainer (TensorFlow, dev environment) trained, small and fast."""
     work = tmp_path_factory.mktemp("trained")
     csv = work / "normal.csv"
-    _ok(_run([str(DEV_BIN / "anomaly-simulate"), "normal-csv", str(csv), "--rows", "4000"]))
+    _ok(_run([str(DEV_BIN / "anomaly-simulate"), "normal-csv", str(csv), "--rows", "2000"]))
     _ok(
         _run(
             [
@@ -169,7 +169,7 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--set",
                 "name=sensors",
                 "--set",
-                "model.epochs=3",
+                "model.epochs=1",
                 "--registry",
                 str(work / "registry"),
             ],
