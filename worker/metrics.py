@@ -7,7 +7,11 @@ Names follow Prometheus conventions: ``_total`` counters, base units (seconds).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,11 +20,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from detector import ModelInfo
 from worker.reasons import Reason
 
+if TYPE_CHECKING:
+    from worker.incidents import IncidentEvent
+    from worker.pipeline import BatchResult
+
 NAMESPACE = "sensor_anomaly"
 SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+INCIDENT_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+# PSI of the score ratio: the last PSI_WINDOW scored readings of a (model, device group)
+# against a reference of PSI_BINS equal-mass bins; no value before PSI_MIN_READINGS.
+PSI_BINS = 10
+PSI_WINDOW = 5000
+PSI_REFERENCE = 5000
+PSI_MIN_READINGS = 500
 
 
 @dataclass(frozen=True)
@@ -43,9 +58,27 @@ class WorkerMetrics:
     rebalances: Counter
     model_reloads: Counter
     ready: Gauge
+    drift_readings: Counter
+    drift_out_of_range: Counter
+    drift_above_threshold: Counter
+    drift_expected_rate: Gauge
+    drift_psi: Gauge
+    warming_up: Counter
+    replayed: Counter
+    incidents_open: Gauge
+    incidents_opened: Counter
+    incidents_resolved: Counter
+    incident_duration: Histogram
+    alertmanager_posts: Counter
+    alertmanager_dropped: Counter
+    alertmanager_queue_depth: Gauge
+    alertmanager_active: Gauge
+    psi: ScoreRatioPsi = field(default_factory=lambda: ScoreRatioPsi())
+    _open_labels: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
+    def create(cls, registry: CollectorRegistry, psi: ScoreRatioPsi | None = None) -> WorkerMetrics:
+        """All metrics on ``registry``; ``psi`` overrides the PSI window sizes (tests)."""
         ns, r = NAMESPACE, registry
         m = cls(
             readings_consumed=Counter(
@@ -152,12 +185,17 @@ class WorkerMetrics:
                 namespace=ns,
                 registry=r,
             ),
+            **_drift_metrics(ns, r),
+            **_incident_metrics(ns, r),
+            psi=psi or ScoreRatioPsi(),
         )
         # Pre-create label sets so dashboards show zeros instead of "no data".
         for reason in Reason:
             m.dead_letters.labels(reason=reason.value)
         for result in ("success", "failure"):
             m.model_reloads.labels(result=result)
+        for outcome in ("ok", "error"):
+            m.alertmanager_posts.labels(outcome=outcome)
         return m
 
     def on_model(self, info: ModelInfo, threshold: float, trained_ts: float) -> None:
@@ -193,6 +231,274 @@ class WorkerMetrics:
     def on_committed(self, now_s: float, latencies_s: npt.NDArray[np.float64]) -> None:
         self.last_batch.set(now_s)
         observe_many(self.end_to_end_latency, latencies_s)
+
+    def on_drift(self, result: BatchResult) -> None:
+        """Drift signals of one scored batch (per model name and device group).
+
+        Counters: scored readings, readings with a feature outside the training range,
+        readings whose compared score is above the model threshold (no group multiplier) —
+        PromQL divides their rates; the holdout's expected share is a gauge beside them.
+        The PSI gauge comes from :class:`ScoreRatioPsi`.
+        """
+        model = result.model_name
+        for g, n in result.scored_by_group.items():
+            self.drift_readings.labels(model=model, device_group=g).inc(n)
+            # Touch the label sets so a share of 0 reads 0, not "no data".
+            self.drift_out_of_range.labels(model=model, device_group=g)
+            self.drift_above_threshold.labels(model=model, device_group=g)
+        for g, n in result.out_of_range_by_group.items():
+            self.drift_out_of_range.labels(model=model, device_group=g).inc(n)
+        for g, n in result.above_threshold_by_group.items():
+            self.drift_above_threshold.labels(model=model, device_group=g).inc(n)
+        for g, n in result.warming_up_by_group.items():
+            self.warming_up.labels(model=model, device_group=g).inc(n)
+        if result.replayed:
+            self.replayed.labels(model=model).inc(result.replayed)
+        if math.isfinite(result.expected_rate):
+            self.drift_expected_rate.labels(model=model).set(result.expected_rate)
+        if result.scored:
+            for g, value in self.psi.update(model, result.model_version, result).items():
+                self.drift_psi.labels(model=model, device_group=g).set(value)
+
+    def on_incidents(
+        self, events: Iterable[IncidentEvent], open_counts: Mapping[tuple[str, str], int]
+    ) -> None:
+        """Incident events of one batch, and the tracker's open incidents after it
+        (``IncidentTracker.open_counts()``: (device group, severity) -> n)."""
+        for ev in events:
+            if ev.state == "opened":
+                self.incidents_opened.labels(
+                    device_group=ev.device_group, severity=ev.incident.severity
+                ).inc()
+            elif ev.state == "resolved":
+                self.incidents_resolved.labels(
+                    device_group=ev.device_group, reason=ev.resolve_reason or "unknown"
+                ).inc()
+                self.incident_duration.observe(ev.duration_s)
+        # Label pairs that had open incidents and have none now go to 0, not stale.
+        for key in self._open_labels - set(open_counts):
+            self.incidents_open.labels(device_group=key[0], severity=key[1]).set(0)
+        for (g, sev), n in open_counts.items():
+            self.incidents_open.labels(device_group=g, severity=sev).set(n)
+            self._open_labels.add((g, sev))
+
+    def alertmanager_hooks(self) -> dict[str, Any]:
+        """Keyword arguments of ``worker.alertmanager.AlertmanagerHooks``."""
+        return {
+            "on_post": lambda ok, _n: self.alertmanager_posts.labels(
+                outcome="ok" if ok else "error"
+            ).inc(),
+            "on_dropped": lambda n: self.alertmanager_dropped.inc(n),
+            "on_queue_depth": lambda n: self.alertmanager_queue_depth.set(n),
+            "on_active": lambda n: self.alertmanager_active.set(n),
+        }
+
+
+def _drift_metrics(ns: str, r: CollectorRegistry) -> dict[str, Any]:
+    mg = ["model", "device_group"]
+    return {
+        "drift_readings": Counter(
+            "drift_readings_total",
+            "Readings scored, per model and device group (denominator of the drift shares)",
+            mg,
+            namespace=ns,
+            registry=r,
+        ),
+        "drift_out_of_range": Counter(
+            "drift_out_of_range_readings_total",
+            "Scored readings with a feature outside the model's training [min, max]",
+            mg,
+            namespace=ns,
+            registry=r,
+        ),
+        "drift_above_threshold": Counter(
+            "drift_above_threshold_readings_total",
+            "Scored readings whose compared score is above the model threshold "
+            "(before group multipliers); compare with drift_expected_above_threshold_ratio",
+            mg,
+            namespace=ns,
+            registry=r,
+        ),
+        "drift_expected_rate": Gauge(
+            "drift_expected_above_threshold_ratio",
+            "Share of the training holdout above the threshold: the rate to expect without drift",
+            ["model"],
+            namespace=ns,
+            registry=r,
+        ),
+        "drift_psi": Gauge(
+            "drift_score_ratio_psi",
+            "Population stability index of the score ratio over the last "
+            f"{PSI_WINDOW} readings against a reference (see docs/detection.md)",
+            mg,
+            namespace=ns,
+            registry=r,
+        ),
+        "warming_up": Counter(
+            "readings_warming_up_total",
+            "Readings not scored because their device's window is not full yet",
+            mg,
+            namespace=ns,
+            registry=r,
+        ),
+        "replayed": Counter(
+            "readings_replayed_total",
+            "Re-delivered readings skipped because the restored device memory holds them",
+            ["model"],
+            namespace=ns,
+            registry=r,
+        ),
+    }
+
+
+def _incident_metrics(ns: str, r: CollectorRegistry) -> dict[str, Any]:
+    return {
+        "incidents_open": Gauge(
+            "incidents_open",
+            "Open incidents",
+            ["device_group", "severity"],
+            namespace=ns,
+            registry=r,
+        ),
+        "incidents_opened": Counter(
+            "incidents_opened_total",
+            "Incidents opened",
+            ["device_group", "severity"],
+            namespace=ns,
+            registry=r,
+        ),
+        "incidents_resolved": Counter(
+            "incidents_resolved_total",
+            "Incidents resolved",
+            ["device_group", "reason"],
+            namespace=ns,
+            registry=r,
+        ),
+        "incident_duration": Histogram(
+            "incident_duration_seconds",
+            "Duration of resolved incidents, first anomalous reading to resolve (event time)",
+            buckets=INCIDENT_DURATION_BUCKETS,
+            namespace=ns,
+            registry=r,
+        ),
+        "alertmanager_posts": Counter(
+            "alertmanager_posts_total",
+            "POSTs to Alertmanager by outcome",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        ),
+        "alertmanager_dropped": Counter(
+            "alertmanager_dropped_total",
+            "Incident events dropped by the full Alertmanager queue",
+            namespace=ns,
+            registry=r,
+        ),
+        "alertmanager_queue_depth": Gauge(
+            "alertmanager_queue_depth",
+            "Incident events waiting for delivery to Alertmanager",
+            namespace=ns,
+            registry=r,
+        ),
+        "alertmanager_active": Gauge(
+            "alertmanager_active_alerts",
+            "Alerts kept active (re-sent) in Alertmanager",
+            namespace=ns,
+            registry=r,
+        ),
+    }
+
+
+@dataclass
+class _PsiState:
+    version: str
+    edges: npt.NDArray[np.float64] | None = None  # inner bin edges (PSI_BINS - 1)
+    expected: npt.NDArray[np.float64] | None = None  # reference share per bin
+    reference: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    reference_n: int = 0
+    window: deque[npt.NDArray[np.int64]] = field(default_factory=deque)
+    counts: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(PSI_BINS, np.int64))
+
+
+class ScoreRatioPsi:
+    """Population stability index of the score ratio, per (model, device group).
+
+    ``PSI = sum_i (a_i - e_i) * ln(a_i / e_i)`` over ``PSI_BINS`` bins, ``a`` the shares of
+    the last ``PSI_WINDOW`` readings (whole batches: the window may exceed it by one batch),
+    ``e`` the reference shares (shares floored at 1e-4 so an empty bin stays finite).
+
+    Reference: the model artifact carries no holdout score distribution (only its threshold
+    statistics), so the reference is *frozen from the first* ``PSI_REFERENCE`` *scored
+    readings* of each (model version, device group) after the worker starts or loads the
+    version: bins are their deciles. The PSI therefore measures drift since the worker
+    started on that model, not since training; the above-threshold rate vs the holdout's
+    expected rate is the signal against training. A new model version starts a new reference.
+    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 large shift.
+    """
+
+    def __init__(
+        self,
+        bins: int = PSI_BINS,
+        window: int = PSI_WINDOW,
+        reference: int = PSI_REFERENCE,
+        min_readings: int = PSI_MIN_READINGS,
+    ) -> None:
+        self.bins, self.window, self.reference, self.min_readings = (
+            bins,
+            window,
+            reference,
+            min_readings,
+        )
+        self._state: dict[tuple[str, str], _PsiState] = {}
+
+    def update(self, model: str, version: str, result: BatchResult) -> dict[str, float]:
+        """Fold one batch in; returns the PSI of every group with a full enough window."""
+        out: dict[str, float] = {}
+        for g, ratios in result.ratio_by_group().items():
+            psi = self.observe(model, version, g, ratios)
+            if psi is not None:
+                out[g] = psi
+        return out
+
+    def observe(
+        self, model: str, version: str, group: str, ratios: npt.NDArray[np.float64]
+    ) -> float | None:
+        """Fold one group's ratios in; the current PSI, or None while it has too little data."""
+        st = self._state.get((model, group))
+        if st is None or st.version != version:
+            st = self._state[(model, group)] = _PsiState(version)
+            st.counts = np.zeros(self.bins, np.int64)
+        if st.edges is None:
+            st.reference.append(ratios)
+            st.reference_n += len(ratios)
+            if st.reference_n < self.reference:
+                return None
+            ref = np.concatenate(st.reference)
+            st.edges = np.quantile(ref, np.linspace(0, 1, self.bins + 1)[1:-1])
+            st.expected = self._shares(self._bin(st.edges, ref))
+            st.reference = []
+            return None
+        c = self._bin(st.edges, ratios)
+        st.window.append(c)
+        st.counts += c
+        while len(st.window) > 1 and int(st.counts.sum() - st.window[0].sum()) >= self.window:
+            st.counts -= st.window.popleft()
+        if int(st.counts.sum()) < self.min_readings or st.expected is None:
+            return None
+        a, e = self._shares(st.counts), st.expected
+        return float(np.sum((a - e) * np.log(a / e)))
+
+    def _bin(
+        self, edges: npt.NDArray[np.float64], x: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.int64]:
+        return np.bincount(np.searchsorted(edges, x, side="right"), minlength=self.bins).astype(
+            np.int64
+        )
+
+    @staticmethod
+    def _shares(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        s = np.maximum(counts / max(int(counts.sum()), 1), 1e-4)
+        return np.asarray(s / s.sum(), dtype=np.float64)
 
 
 def observe_many(h: Histogram, values: npt.NDArray[np.float64]) -> None:

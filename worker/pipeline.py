@@ -64,7 +64,7 @@ class BatchResult:
             the group's threshold multiplier and the watched-constant rule).
         dead_by_reason: counts per dead-letter reason.
         scoring_seconds: wall time of decode + score + encode.
-        model_name: the scoring model's name (metric label of the drift counters).
+        model_name / model_version: the scoring model (label of the drift metrics).
         expected_rate: the holdout's share of readings above the threshold
             (``Threshold.exceed_rate``; NaN in artifacts without it).
         above_threshold_by_group: scored readings with compared score > model threshold (no
@@ -88,6 +88,7 @@ class BatchResult:
     dead_by_reason: Counter[Reason] = field(default_factory=Counter)
     scoring_seconds: float = 0.0
     model_name: str = ""
+    model_version: str = ""
     expected_rate: float = float("nan")
     above_threshold_by_group: Counter[str] = field(default_factory=Counter)
     out_of_range_by_group: Counter[str] = field(default_factory=Counter)
@@ -239,7 +240,11 @@ class Scorer:
         """Decode, validate, score and classify ``records``. Never raises for bad input."""
         t0 = time.perf_counter()
         det = self.detector
-        out = BatchResult(model_name=det.info.name, expected_rate=det.threshold.exceed_rate)
+        out = BatchResult(
+            model_name=det.info.name,
+            model_version=det.info.version,
+            expected_rate=det.threshold.exceed_rate,
+        )
         batch, consts = self._decode(records, out)
         if batch.index:
             rows = self._score(records, batch, consts, out)
