@@ -589,6 +589,24 @@ def _check_tune(t: TuneConfig) -> None:
             raise ConfigError(f"tune.hidden[{i}] is empty", "give at least one layer width")
 
 
+def _check_temporal(cfg: TrainConfig) -> None:
+    """Windows and smoothing need the chronological split (consecutive holdout readings)."""
+    if not cfg.split.shuffle:
+        return
+    if cfg.scoring.ewma_alpha is not None:
+        raise ConfigError(
+            "scoring.ewma_alpha needs consecutive holdout readings but split.shuffle is true",
+            "use the chronological split (split.shuffle: false): smoothing a random sample "
+            "shrinks the holdout's spread and gives a threshold far too low for a stream",
+        )
+    if cfg.model.window > 1:
+        raise ConfigError(
+            "model.window > 1 with split.shuffle: true would put holdout readings inside "
+            "training windows",
+            "use the chronological split (split.shuffle: false)",
+        )
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks that one field's type and bounds cannot express."""
     from detector.artifact import validate_name  # light import: no TensorFlow
@@ -632,6 +650,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "values of standard-scaled data",
             "use output_activation linear (or auto) with scaler standard",
         )
+    _check_temporal(cfg)
     _check_tune(cfg.tune)
     e = cfg.evaluate
     if e.path is not None:

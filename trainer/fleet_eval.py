@@ -2,7 +2,8 @@
 
     python -m trainer.fleet_eval [--json out/fleet-eval.json] [--modes point,point+ewma,...]
 
-For each mode a model is trained with ``examples/trainer-synthetic.yaml`` on the demo
+For each mode a model is trained with ``examples/trainer-synthetic.yaml`` (but the
+chronological split, for every mode) on the demo
 fleet's normal history (12 pumps × 16 sensors, seed 42, 60,000 rows, as ``make demo``),
 and scored offline exactly as the worker decides (:func:`detector.offline.score_rows`:
 per-device windows and smoothing) on two labelled streams:
@@ -43,6 +44,7 @@ SPEC = FleetSpec(devices=12, sensors=16, seed=42)
 MODES: dict[str, list[str]] = {
     "point": [],
     "point+ewma0.3": ["scoring.ewma_alpha=0.3"],
+    "window5": ["model.window=5"],
     "window10": ["model.window=10"],
     "window10+ewma0.3": ["model.window=10", "scoring.ewma_alpha=0.3"],
 }
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     "report.dir=null",
                     "report.plots=false",
                     f"registry={tmp}/registry",
+                    # Every mode on the same chronological split (windows and smoothing
+                    # need one; the example config's random split would differ per mode).
+                    "split.shuffle=false",
                     *MODES[mode],
                 ],
             )

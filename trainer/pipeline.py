@@ -640,7 +640,11 @@ def _decision(
     devs = None if ds.device_ids is None else [ds.device_ids[r] for r in rows]
     for g in device_groups(len(rows), devs):
         g = g[np.argsort(rank[rows[g]], kind="stable")]
-        out[g] = ewma_series(scores[g], alpha)
+        # The state restarts after a time gap, as a stream's smoothing would have forgotten.
+        for seg in _contiguous(
+            np.arange(len(g)), None if ds.times_ms is None else ds.times_ms[rows[g]]
+        ):
+            out[g[seg]] = ewma_series(scores[g[seg]], alpha)
     return out
 
 
