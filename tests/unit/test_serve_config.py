@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from detector import Registry
 from serve import cli
 from serve.config import DEFAULT_MAX_PAST_S, ConfigError, bearer_token, load_config
+from serve.models import ModelStore
 from tests.support.detectors import linear_detector
 
 
@@ -122,3 +125,31 @@ def test_a_port_in_use_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv("SENSOR_ANOMALY_SERVE__REGISTRY", str(reg))
         monkeypatch.setenv("SENSOR_ANOMALY_SERVE__PORT", str(port))
         assert cli.main([]) == 2
+
+
+def test_the_server_never_imports_tensorflow() -> None:
+    code = (
+        "import sys, serve.cli, serve.app, serve.scoring\n"
+        "heavy = {'tensorflow', 'keras', 'sklearn'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg = _registry(tmp_path)
+    cfg = load_config(env={"SENSOR_ANOMALY_SERVE__REGISTRY": str(reg)})
+    store = ModelStore(cfg)
+    store.load_initial()
+    assert store.poll() == {}
+    x = np.random.default_rng(1).normal(size=(400, 4))
+    v2 = Registry(reg).save(linear_detector(x, ["a", "b", "c", "d"], code=2))
+    (v2 / "weights.npz").write_bytes(b"tampered")
+    assert store.poll() == {}
+    assert "new version refused, still serving v0001" in caplog.text
+    assert store.slots["sensors"].version == "v0001"
+    v3 = Registry(reg).save(linear_detector(x, ["a", "b", "c", "d"], code=3))
+    fresh = store.poll()
+    assert fresh["sensors"].version == v3.name and fresh["sensors"].code_width == 3
