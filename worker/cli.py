@@ -10,12 +10,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,15 +25,19 @@ from prometheus_client import CollectorRegistry
 
 from detector import ArtifactError
 from worker import __version__
+from worker.alertmanager import AlertmanagerClient
 from worker.config import ConfigError, WorkerConfig, load_config
 from worker.health import HealthServer
 from worker.identity import resolve_instance_id
+from worker.incidents import IncidentTracker
 from worker.logs import setup_logging
 from worker.loop import GiveUp, StartupError, Worker
+from worker.memory import DeviceMemory
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource
 from worker.pipeline import Scorer
 from worker.records import SimpleRecord
+from worker.stateful import StatefulStage
 from worker.status import WorkerStatus
 
 log = logging.getLogger("worker")
@@ -82,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
     sf.add_argument("--output", default="-", help="events file (- = stdout)")
     sf.add_argument("--dead-letters", default="", help="write unscorable lines here as JSON Lines")
     sf.add_argument("--batch", type=int, default=1024, help="readings per batch (default 1024)")
+    sf.add_argument(
+        "--scores",
+        default="",
+        help="write one JSON line per scored reading here (device, timestamp, score, ratio, "
+        "anomalous, out-of-range features)",
+    )
+    sf.add_argument(
+        "--max-past",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="refuse readings older than this (default reading.max_past_s, 30 days)",
+    )
+    sf.add_argument(
+        "--no-time-checks",
+        action="store_true",
+        help="accept readings of any age or future time (backfills of history)",
+    )
     return p
 
 
@@ -104,7 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"config": cfg.masked(), "model": det.info.__dict__}, indent=2))
             return 0
         if command == "score-file":
-            return score_file(cfg, args.input, args.output, args.dead_letters, args.batch)
+            return score_file(
+                cfg,
+                args.input,
+                args.output,
+                args.dead_letters,
+                args.batch,
+                scores=args.scores,
+                max_past_s=args.max_past,
+                time_checks=not args.no_time_checks,
+            )
         return run_worker(cfg)
     except (ArtifactError, StartupError, HealthServerError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,7 +175,8 @@ def run_worker(cfg: WorkerConfig) -> int:
     if cfg.http.enabled:
         server = _start_server(cfg, registry, health)
         log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", *server.address)
-    worker = Worker(cfg, metrics, health, models, instance_id=instance_id)
+    stage = build_stage(cfg, metrics, first)
+    worker = Worker(cfg, metrics, health, models, instance_id=instance_id, stage=stage)
     worker.set_detector(first)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -177,6 +211,26 @@ def run_worker(cfg: WorkerConfig) -> int:
     return 0
 
 
+def build_stage(cfg: WorkerConfig, metrics: WorkerMetrics, det: Any) -> StatefulStage | None:
+    """The durable per-device state, when incidents or a windowed/smoothed model need it."""
+    windowed = det.window > 1 or det.ewma_alpha is not None
+    if not (cfg.incidents.enabled or windowed):
+        return None
+    tracker = IncidentTracker(cfg.incidents) if cfg.incidents.enabled else None
+    alerts = None
+    if cfg.alertmanager.enabled:
+        hooks = getattr(metrics, "alertmanager_hooks", None)
+        alerts = AlertmanagerClient(cfg.alertmanager, hooks() if hooks else None)
+    return StatefulStage(
+        cfg,
+        tracker,
+        DeviceMemory(),
+        alerts,
+        on_incidents=getattr(metrics, "on_incidents", None),
+        on_restore=getattr(metrics, "on_state_restored", None),
+    )
+
+
 def _start_server(cfg: WorkerConfig, registry: CollectorRegistry, health: WorkerStatus) -> Any:
     try:
         return HealthServer(cfg.http.host, cfg.http.port, registry, health).start()
@@ -200,10 +254,45 @@ def _lines(f: IO[bytes]) -> Iterator[bytes]:
             yield line
 
 
-def score_file(cfg: WorkerConfig, inp: str, out: str, dead: str, batch: int) -> int:
-    """Backfill/offline check: the same Scorer the Kafka loop uses, on JSON Lines."""
+# Readings of an offline file without a timestamp get row order as time: row i at
+# 2000-01-01T00:00:00Z + i seconds (deterministic, so a re-run gives the same incidents).
+UNTIMED_START_MS = 946_684_800_000
+UNTIMED_STEP_MS = 1000
+
+
+@dataclasses.dataclass
+class _FileTotals:
+    readings: int = 0
+    events: int = 0
+    dead: int = 0
+    scored: int = 0
+    warming_up: int = 0
+    out_of_range: int = 0
+    above: int = 0
+    dead_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def score_file(
+    cfg: WorkerConfig,
+    inp: str,
+    out: str,
+    dead: str,
+    batch: int,
+    scores: str = "",
+    max_past_s: float | None = None,
+    time_checks: bool = True,
+) -> int:
+    """Backfill/offline check: the same Scorer the Kafka loop uses, on JSON Lines.
+
+    Prints a summary on stderr: counts, dead letters by reason, and the drift summary (share
+    of readings with a feature outside the training range; share above the threshold vs the
+    holdout's). A file whose first reading has no timestamp field is *untimed*: readings
+    without one get row order as time (see ``UNTIMED_START_MS``) and the age checks are off.
+    """
+    if batch < 1 or (max_past_s is not None and not max_past_s > 0):
+        print("error: --batch and --max-past must be positive numbers", file=sys.stderr)
+        return 2
     det = ModelSource(cfg.model).load_initial()
-    scorer = Scorer(det, cfg.reading, cfg.events)
     try:
         src = sys.stdin.buffer if inp == "-" else open(inp, "rb")  # noqa: SIM115
     except OSError as e:
@@ -212,33 +301,97 @@ def score_file(cfg: WorkerConfig, inp: str, out: str, dead: str, batch: int) -> 
     try:
         dst = sys.stdout.buffer if out == "-" else open(out, "wb")  # noqa: SIM115
         dlq = open(dead, "wb") if dead else None  # noqa: SIM115
+        sco = open(scores, "wb") if scores else None  # noqa: SIM115
     except OSError as e:
         print(f"error: cannot write {e.filename}: {e.strerror}; check the path", file=sys.stderr)
         return 2
+    lines = _lines(src)
+    first = next(lines, None)
+    ts_key = b'"' + cfg.reading.timestamp_field.encode() + b'"'
+    untimed = first is not None and ts_key not in first
+    reading = cfg.reading
+    if max_past_s is not None:
+        reading = dataclasses.replace(reading, max_past_s=max_past_s)
+    if untimed or not time_checks:
+        # Far beyond any epoch-ms value: only the "looks like seconds" check remains.
+        reading = dataclasses.replace(reading, max_past_s=1e13, max_future_s=1e13)
+    scorer = Scorer(
+        det, reading, cfg.events, multipliers=_multipliers(cfg), keep_readings=sco is not None
+    )
     name = "stdin" if inp == "-" else Path(inp).name
-    n = n_events = n_dead = 0
+    tot = _FileTotals()
     t0 = time.perf_counter()
     try:
         buf: list[SimpleRecord] = []
-        for line in _lines(src):
-            buf.append(SimpleRecord(name, 0, n, None, line, []))
-            n += 1
+        for line in chain([first] if first is not None else [], lines):
+            if untimed and ts_key not in line:
+                line = _with_row_time(line, cfg.reading.timestamp_field, tot.readings)
+            buf.append(SimpleRecord(name, 0, tot.readings, None, line, []))
+            tot.readings += 1
             if len(buf) >= batch:
-                n_events, n_dead = _flush_file_batch(scorer, buf, dst, dlq, n_events, n_dead)
+                _flush_file_batch(scorer, buf, dst, dlq, tot, sco)
                 buf = []
         if buf:
-            n_events, n_dead = _flush_file_batch(scorer, buf, dst, dlq, n_events, n_dead)
+            _flush_file_batch(scorer, buf, dst, dlq, tot, sco)
     finally:
-        for f in (src, dst, dlq):
+        for f in (src, dst, dlq, sco):
             if f is not None and f not in (sys.stdin.buffer, sys.stdout.buffer):
                 f.close()
-    dt = time.perf_counter() - t0
+    _print_summary(det, tot, time.perf_counter() - t0, untimed)
+    return 0
+
+
+def _multipliers(cfg: WorkerConfig) -> Any:
+    """The config's per-device-group threshold multipliers (None without an incidents section)."""
+    from worker.incidents import ThresholdMultipliers
+
+    specs = getattr(getattr(cfg, "incidents", None), "threshold_multipliers", ())
+    return ThresholdMultipliers.parse(specs) if specs else None
+
+
+def _with_row_time(line: bytes, field: str, row: int) -> bytes:
+    """``line`` with ``field`` set to the row's time; unparsable lines are left as they are
+    (the decoder dead-letters them with the right reason)."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(doc, dict):
+        return line
+    doc[field] = UNTIMED_START_MS + row * UNTIMED_STEP_MS
+    return json.dumps(doc).encode()
+
+
+def _print_summary(det: Any, tot: _FileTotals, seconds: float, untimed: bool) -> None:
     print(
-        f"scored {n} readings in {dt:.2f}s: {n_events} anomalies, {n_dead} unscorable "
-        f"(model {det.info.name} {det.info.version})",
+        f"scored {tot.readings} readings in {seconds:.2f}s: {tot.events} anomalies, "
+        f"{tot.dead} unscorable (model {det.info.name} {det.info.version})",
         file=sys.stderr,
     )
-    return 0
+    if tot.dead_by_reason:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(tot.dead_by_reason.items()))
+        print(f"dead letters by reason: {reasons}", file=sys.stderr)
+    if tot.warming_up:
+        print(
+            f"not scored: {tot.warming_up} readings while device windows filled "
+            f"(window {det.window})",
+            file=sys.stderr,
+        )
+    if untimed:
+        print("no timestamps in the file: row order used as time (1 s per row)", file=sys.stderr)
+    if tot.scored:
+        expected = det.threshold.exceed_rate
+        exp = f"{expected:.2%}" if expected == expected else "unknown"
+        oor = (
+            f"{tot.out_of_range / tot.scored:.1%} of readings have a feature outside the "
+            "training range"
+            if det.train_min is not None
+            else "training range not stored in this model"
+        )
+        print(
+            f"drift: {oor}; {tot.above / tot.scored:.2%} above the threshold (holdout: {exp})",
+            file=sys.stderr,
+        )
 
 
 def _flush_file_batch(
@@ -246,9 +399,9 @@ def _flush_file_batch(
     buf: list[SimpleRecord],
     dst: IO[bytes],
     dlq: IO[bytes] | None,
-    n_events: int,
-    n_dead: int,
-) -> tuple[int, int]:
+    tot: _FileTotals,
+    sco: IO[bytes] | None = None,
+) -> None:
     res = scorer.process(buf)
     for m in res.events:
         dst.write((m.value or b"") + b"\n")
@@ -261,7 +414,40 @@ def _flush_file_batch(
                 ).encode()
                 + b"\n"
             )
-    return n_events + len(res.events), n_dead + len(res.dead_letters)
+    tot.events += len(res.events)
+    tot.dead += len(res.dead_letters)
+    tot.scored += res.scored
+    tot.warming_up += res.warming_up
+    tot.out_of_range += sum(res.out_of_range_by_group.values())
+    tot.above += sum(res.above_threshold_by_group.values())
+    for reason, n in res.dead_by_reason.items():
+        tot.dead_by_reason[reason.value] = tot.dead_by_reason.get(reason.value, 0) + n
+    if sco is not None and res.readings is not None:
+        sco.write(_score_lines(buf, res.readings))
+
+
+def _score_lines(buf: list[SimpleRecord], r: Any) -> bytes:
+    """JSON Lines of ``--scores``: one object per scored reading, input order."""
+    rows = []
+    for j, (i, dev) in enumerate(zip(r.record, r.device_ids, strict=True)):
+        s, ratio = float(r.score[j]), float(r.ratio[j])
+        rows.append(
+            json.dumps(
+                {
+                    "line": buf[i].offset + 1,
+                    "device_id": dev,
+                    "timestamp_ms": int(r.ts_ms[j]),
+                    "score": s if math.isfinite(s) else None,
+                    "compared_score": float(r.compared[j]) if math.isfinite(s) else None,
+                    "ratio": ratio if math.isfinite(ratio) else None,
+                    "anomalous": bool(r.anomalous[j]),
+                    "out_of_range": [
+                        {"sensor": f, "excess": round(e, 6)} for f, e in r.out_of_range.get(j, [])
+                    ],
+                }
+            )
+        )
+    return ("\n".join(rows) + "\n").encode() if rows else b""
 
 
 if __name__ == "__main__":

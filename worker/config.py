@@ -19,6 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from worker.alertmanager import AlertmanagerConfigError, AlertmanagerSettings
+from worker.incidents import IncidentConfigError, IncidentSettings
+
 ENV_PREFIX = "SENSOR_ANOMALY_"
 SECRET_KEYS = frozenset({"sasl_password", "ssl_password"})
 
@@ -167,6 +170,10 @@ class WorkerConfig:
     batch: BatchSettings = field(default_factory=BatchSettings)
     events: EventSettings = field(default_factory=EventSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    # Incidents (open/update/resolve per device, durable state): worker/incidents.py.
+    incidents: IncidentSettings = field(default_factory=IncidentSettings)
+    # Push open incidents to Prometheus Alertmanager (off by default): worker/alertmanager.py.
+    alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # text: human-readable lines; json: one JSON object a line (time, level, logger,
     # message and structured fields), for log shippers.
@@ -391,6 +398,15 @@ def _cross_check(cfg: WorkerConfig) -> None:
             raise ConfigError(f"kafka.{name}: {value} is not a readable file; fix the path")
     if not cfg.model.path and not cfg.model.registry:
         raise ConfigError("set model.registry (and model.name) or model.path")
+    try:
+        cfg.incidents.validate()
+        cfg.alertmanager.validate()
+    except (IncidentConfigError, AlertmanagerConfigError) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.incidents.enabled and cfg.incidents.topic in (*k.input_topics, k.output_topic):
+        raise ConfigError("incidents.topic must differ from the input and output topics")
+    if cfg.alertmanager.enabled and not cfg.incidents.enabled:
+        raise ConfigError("alertmanager.enabled needs incidents.enabled: true")
     if k.heartbeat_interval_ms >= k.session_timeout_ms:
         raise ConfigError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
 

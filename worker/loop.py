@@ -65,10 +65,13 @@ from detector import ArtifactError, Detector
 from worker.clients import ClientAdapter, adapter_for
 from worker.clients.kafka_python import StartupError
 from worker.config import WorkerConfig
+from worker.incidents import ThresholdMultipliers
+from worker.memory import DeviceMemory
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource, trained_timestamp
 from worker.pipeline import BatchResult, Scorer
 from worker.records import OutputMessage
+from worker.stateful import Produced, StatefulStage
 from worker.status import WorkerStatus
 
 __all__ = ["GiveUp", "StartupError", "Worker"]
@@ -124,6 +127,8 @@ class _Uncommitted:
     """Scored batches whose outputs are sent but whose offsets are not yet committed."""
 
     results: list[tuple[int, BatchResult]] = field(default_factory=list)  # (records, result)
+    # Incident events of those batches (per-device state: worker/stateful.py).
+    extras: list[Produced] = field(default_factory=list)
     futures: list[Any] = field(default_factory=list)
     next_offset: dict[TopicPartition, int] = field(default_factory=dict)
     first_offset: dict[TopicPartition, int] = field(default_factory=dict)
@@ -161,12 +166,19 @@ class Worker:
         models: ModelSource,
         client: ClientAdapter | None = None,
         instance_id: str = "",
+        stage: StatefulStage | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.health = health
         self.models = models
         self.instance_id = instance_id or cfg.kafka.instance_id or "worker"
+        # Durable per-device state (incidents, windows): None when nothing needs it.
+        self.stage = stage
+        self.memory = stage.memory if stage is not None and stage.memory is not None else None
+        if self.memory is None:
+            self.memory = DeviceMemory()  # in memory only: windows still work, not durable
+        self._multipliers = ThresholdMultipliers.parse(cfg.incidents.threshold_multipliers)
         # The Kafka library behind the contract (kafka.client): kafka-python or confluent.
         self.client = client or adapter_for(cfg)
         self._consumer_factory: Callable[[WorkerConfig, str], Any] = self.client.build_consumer
@@ -195,9 +207,26 @@ class Worker:
 
     def set_detector(self, det: Detector) -> None:
         old = self.scorer
+        stage = self.stage
         self.scorer = Scorer(
-            det, self.cfg.reading, self.cfg.events, episodes=old.episodes if old else None
+            det,
+            self.cfg.reading,
+            self.cfg.events,
+            episodes=old.episodes if old else None,
+            # Windows / EWMA state per device, shared across reloads (the Scorer drops it
+            # when the new model's window, features or smoothing differ).
+            memory=self.memory,
+            multipliers=self._multipliers,
+            scored_batch=stage is not None and stage.tracker is not None,
         )
+        if (det.window > 1 or det.ewma_alpha is not None) and (
+            stage is None or stage.memory is None
+        ):
+            log.warning(
+                "model %s keeps per-device windows/smoothing but no durable state store is "
+                "configured: a restart or rebalance starts those devices afresh",
+                det.info.version,
+            )
         self.metrics.on_model(det.info, det.threshold.value, trained_timestamp(det))
         self.health.update(model_version=det.info.version)
         log.info(
@@ -287,6 +316,9 @@ class Worker:
             return False
         self.consumer = self._consumer_factory(self.cfg, self.instance_id)
         self._await_input_metadata()
+        if self.stage is not None:
+            parts = self.consumer.partitions_for_topic(k.input_topics[0]) or {0}
+            self.stage.start(len(parts))
         self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
         return True
 
@@ -336,6 +368,8 @@ class Worker:
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
     def close(self) -> None:
+        if self.stage is not None:
+            self.stage.stop()
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False, timeout_ms=5000)
@@ -375,6 +409,9 @@ class Worker:
             return
         if polled and self._outage_since is not None:
             self._outage_over()  # records arrived: the broker is back
+        if self.stage is not None and self.stage.needs_restore():
+            # Newly assigned partitions: their state before any of their records is scored.
+            self._restore_state()
         # poll() may have run a rebalance that delivered the open batch and replaced it:
         # add the new records to the batch that is open now.
         pending = self._pending
@@ -411,6 +448,7 @@ class Worker:
         assert self.scorer is not None and self.producer is not None
         result = self.scorer.process(pending.records)  # step 1
         unc = self._unc
+        extras = self.stage.process(result) if self.stage is not None else []  # step 1b
         if self._eos and not unc.in_transaction and unc.failed is None:
             try:
                 self.producer.begin_transaction()
@@ -418,10 +456,12 @@ class Worker:
             except KafkaError as e:
                 unc.failed = e
         unc.add(pending, len(pending.records), result)
+        unc.extras.extend(extras)
         if unc.resend or unc.failed is not None:
             return  # the commit step re-sends (ALO) or resets (EOS) everything held
         try:
             self._send_all(result, unc.futures)  # step 2
+            self._send_produced(extras, unc.futures)
         except KafkaError as e:
             # A send can fail synchronously (metadata timeout, buffer full, broker gone):
             # the futures created so far are kept, but the batch counts as not handed over.
@@ -450,20 +490,7 @@ class Worker:
         backoff = 0.2
         while True:
             try:
-                if unc.resend:
-                    unc.futures = []
-                    for _, r in unc.results:
-                        self._send_all(r, unc.futures)
-                    unc.resend = False
-                self._wait_acknowledged(unc.futures)  # step 3
-                self._delivery_failures = 0
-                self.health.update(delivery_ok=True)
-                if self.client.membership(self.consumer) is None:
-                    raise _Reassigned("this member holds no valid group generation")
-                self.consumer.commit(  # step 4
-                    offsets=unc.offsets(), timeout_ms=int(self._op_timeout_s() * 1000)
-                )
-                self._outage_over()
+                self._alo_attempt(unc)
                 break
             except _Reassigned as e:
                 self._drop_reassigned(str(e))
@@ -474,6 +501,8 @@ class Worker:
                     self._drop_reassigned(name)
                     return
                 self._kafka_error("commit", e)
+                if self.stage is not None and name != "DeliveryFailed":
+                    self.stage.commit_failed()  # the offset commit failed: state goes again
                 if isinstance(e, DeliveryFailed | KafkaTimeoutError) or unc.resend:
                     unc.resend = True
                     self.health.update(delivery_ok=False)
@@ -495,6 +524,33 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
         self._unc = _Uncommitted()
         self._after_commit(unc)  # step 5
+
+    def _alo_attempt(self, unc: _Uncommitted) -> None:
+        """One try of at-least-once steps 2 (again, if needed), 3, 3b and 4."""
+        assert self.consumer is not None
+        if unc.resend:
+            unc.futures = []
+            for _, r in unc.results:
+                self._send_all(r, unc.futures)
+            self._send_produced(unc.extras, unc.futures)
+            unc.resend = False
+        self._wait_acknowledged(unc.futures)  # step 3
+        if self.stage is not None:  # step 3b: state changes, acknowledged
+            changes: list[Any] = []
+            try:
+                self._send_produced(self.stage.changelog(), changes)
+                self._wait_acknowledged(changes)
+            except KafkaError:
+                self.stage.commit_failed()
+                raise
+        self._delivery_failures = 0
+        self.health.update(delivery_ok=True)
+        if self.client.membership(self.consumer) is None:
+            raise _Reassigned("this member holds no valid group generation")
+        self.consumer.commit(  # step 4
+            offsets=unc.offsets(), timeout_ms=int(self._op_timeout_s() * 1000)
+        )
+        self._outage_over()
 
     def _recreate_alo_producer(self) -> None:
         """An idempotent producer can stay in an error state; start afresh."""
@@ -518,6 +574,8 @@ class Worker:
             return
         t = self._op_timeout_s()
         try:
+            if self.stage is not None:  # step 2b: state changes in the same transaction
+                self._send_produced(self.stage.changelog(), unc.futures)
             self.client.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)  # step 3
             self.client.commit_transaction(self.producer, t)  # step 4
         except KafkaError as e:
@@ -553,6 +611,8 @@ class Worker:
         fallback = dict(pending.first_offset)
         fallback.update(dropped.first_offset)
         self.metrics.kafka_errors.labels(kind="TransactionReset").inc()
+        if self.stage is not None:
+            self.stage.reset()
         self.health.update(delivery_ok=False)
         log.warning(
             "transaction not committed (%s): dropping %d uncommitted batch(es), "
@@ -598,6 +658,8 @@ class Worker:
 
     def _drop_reassigned(self, why: str) -> None:
         log.warning("batch not committed, partitions were reassigned (%s)", why)
+        if self.stage is not None:
+            self.stage.reset()  # state back to what the committed changelog holds
         unc = self._unc
         self._unc = _Uncommitted()
         self._rewind(unc.first_offset)
@@ -621,6 +683,41 @@ class Worker:
         for m in result.dead_letters:
             into.append(send(k.dead_letter_topic, **_fit_dead_letter(m)))
 
+    def _send_produced(self, items: list[Produced], into: list[Any]) -> None:
+        """Hand incident events / changelog records to the producer (futures into ``into``)."""
+        if not items:
+            return
+        assert self.producer is not None
+        send = self.producer.send
+        for m in items:
+            if m.partition is None:
+                into.append(send(m.topic, key=m.key, value=m.value))
+            else:
+                into.append(send(m.topic, key=m.key, value=m.value, partition=m.partition))
+
+    def _restore_state(self) -> None:
+        """Load newly assigned partitions' state from the changelog (retried on failure).
+
+        The committed offsets are fetched first (``position``: read_committed fetches wait
+        for a pending transactional offset commit to resolve), so a previous owner's open
+        transaction is resolved before its changelog partition is read.
+        """
+        assert self.consumer is not None and self.stage is not None
+        backoff = 0.2
+        while self.stage.needs_restore():
+            try:
+                for tp in list(self.consumer.assignment()):
+                    self.consumer.position(tp, timeout_ms=10_000)
+                self.stage.restore_pending()
+            except (KafkaError, RuntimeError) as e:
+                self._kafka_error("state restore", e)
+                self._check_give_up()
+                if self._stop:
+                    raise _Abandoned() from None
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self._outage_over()
+
     def _rewind(self, first: dict[TopicPartition, int]) -> None:
         """Seek still-owned partitions back to the first uncommitted offset."""
         assert self.consumer is not None
@@ -630,6 +727,8 @@ class Worker:
                 self.consumer.seek(tp, off)
 
     def _after_commit(self, unc: _Uncommitted) -> None:
+        if self.stage is not None:
+            self.stage.committed()
         now = time.time()
         for n, result in unc.results:
             self.metrics.on_batch(
@@ -760,6 +859,8 @@ class Worker:
                 )
             else:
                 self._after_commit(unc)
+        if self.stage is not None:
+            self.stage.revoked(revoked)
         self._forget(revoked)
 
     def on_lost(self, lost: list[TopicPartition]) -> None:
@@ -778,6 +879,8 @@ class Worker:
         )
         self.metrics.kafka_errors.labels(kind="MembershipLost").inc()
         self._drop_all("membership lost")
+        if self.stage is not None:
+            self.stage.revoked(lost)
         self._forget(lost)
 
     def _drop_all(self, why: str) -> None:
@@ -800,12 +903,18 @@ class Worker:
         if self._eos:
             if unc.failed is not None or not unc.in_transaction:
                 raise DeliveryFailed("the transaction cannot be committed")
+            if self.stage is not None:
+                self._send_produced(self.stage.changelog(), unc.futures)
             self.client.send_offsets_to_transaction(self.producer, unc.offsets(), gm, t)
             self.client.commit_transaction(self.producer, t)
             return
         if unc.resend:
             raise DeliveryFailed("some outputs were never handed to the producer")
         self._wait_acknowledged(unc.futures)
+        if self.stage is not None:
+            changes: list[Any] = []
+            self._send_produced(self.stage.changelog(), changes)
+            self._wait_acknowledged(changes)
         await self.consumer.commit_async(offsets=unc.offsets())
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -817,6 +926,8 @@ class Worker:
             assignment=tuple(f"{tp.topic}/{tp.partition}" for tp in owned),
         )
         self.health.set_member(True)
+        if self.stage is not None:
+            self.stage.assigned(owned)  # restored before their first record is scored
         self._outage_over()  # the group coordinator answered
         log.info(
             "assigned %d partition(s): %s",

@@ -252,6 +252,8 @@ def ensure_topics(cfg: WorkerConfig, timeout_ms: int = 5000) -> list[str]:
         client_log.propagate = True
     try:
         outputs = [k.output_topic, k.dead_letter_topic]
+        if cfg.incidents.enabled:
+            outputs.append(cfg.incidents.topic)
         existing = _topic_partitions(admin, [*k.input_topics, *outputs])
         missing_inputs = [t for t in k.input_topics if t not in existing]
         missing_outputs = [t for t in outputs if t not in existing]
