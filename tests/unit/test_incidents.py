@@ -39,6 +39,7 @@ BASE = IncidentSettings(
     window=5,
     min_anomalous=3,
     open_ratio=0.0,
+    min_mean_ratio=1.0,
     resolve_normal_readings=4,
     resolve_quiet_s=30.0,
     cooldown_s=10.0,
@@ -115,6 +116,15 @@ def test_a_single_reading_far_past_the_threshold_opens_at_once() -> None:
     assert kinds(ev) == ["opened", "resolved"]
     assert ev[0].incident.severity == "critical"
     assert ev[1].resolve_reason == "normal_readings" and ev[1].resolved_ms == T0 + 5000
+
+
+def test_a_cluster_just_past_the_threshold_does_not_open_a_sustained_departure_does() -> None:
+    s = replace(BASE, min_mean_ratio=4.0, min_peak_ratio=6.0)
+    assert run(s, series("pump-1", [1.2, 1.5, 1.1, 0, 1.3, 9.0])) == []  # mean 2.8 < 4
+    assert run(s, series("pump-1", [5, 5, 5, 5])) == []  # mean 5 but no peak of 6
+    ev = run(s, series("pump-1", [5, 5, 5, 6.5]))
+    assert kinds(ev) == ["opened"] and ev[0].incident.opened_ms == T0 + 3000
+    assert ev[0].incident.anomalous == 4  # the readings before the open belong to it
 
 
 def test_minimum_duration_holds_the_open_back() -> None:
