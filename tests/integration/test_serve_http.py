@@ -555,3 +555,28 @@ def test_new_registry_versions_are_picked_up_and_shutdown_is_clean(tmp_path: Pat
     finally:
         assert s.stop(signal.SIGTERM) == 0, s.log()
     assert "stopped cleanly" in s.log()
+
+
+def test_sigterm_lets_an_in_flight_request_finish(registry: Path, tmp_path: Path) -> None:
+    s = Server(tmp_path, {"registry": str(registry), "shutdown_grace_s": 10})
+    body = json.dumps({"readings": _good(2)}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=20) as sock:
+            head = (
+                "POST /v1/models/sensors/score HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body[:10])
+            time.sleep(0.3)  # the server is now receiving this request's body
+            s.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert s.proc.poll() is None  # still draining
+            sock.sendall(body[10:])
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            doc = json.loads(resp.read())
+        assert resp.status == 200 and doc["scored"] == 2, doc
+        assert s.proc.wait(20) == 0
+    finally:
+        s.stop()
+    assert "stopped cleanly" in s.log() and "Traceback" not in s.log()
