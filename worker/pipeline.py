@@ -49,6 +49,25 @@ _VALUE = attrgetter("value")
 _CONSTANT_BUMP = 1.000001
 
 
+@dataclass(frozen=True, eq=False)
+class ReadingScores:
+    """Per scored reading (finite or not), in input order: for ``score-file --scores``.
+
+    ``record`` indexes the batch's input records; ``compared`` is the smoothed score when the
+    model smooths, else ``score``; ``ratio`` = compared ÷ (threshold × group multiplier);
+    ``out_of_range`` maps a row to its ``(feature, excess)`` list (rows inside are absent).
+    """
+
+    record: list[int]
+    device_ids: list[str]
+    ts_ms: npt.NDArray[np.int64]
+    score: npt.NDArray[np.float64]
+    compared: npt.NDArray[np.float64]
+    ratio: npt.NDArray[np.float64]
+    anomalous: npt.NDArray[np.bool_]
+    out_of_range: dict[int, list[tuple[str, float]]]
+
+
 @dataclass(eq=False)
 class BatchResult:
     """What one batch produced.
@@ -76,6 +95,7 @@ class BatchResult:
             holds them (see :class:`worker.memory.DeviceMemory`).
         scored_batch: the scored readings as the incident tracker needs them (only when the
             Scorer was built with ``scored_batch=True``).
+        readings: per-reading scores and decisions (only with ``keep_readings=True``).
     """
 
     events: list[OutputMessage] = field(default_factory=list)
@@ -96,6 +116,7 @@ class BatchResult:
     warming_up_by_group: Counter[str] = field(default_factory=Counter)
     replayed: int = 0
     scored_batch: ScoredBatch | None = None
+    readings: ReadingScores | None = None
     _ratio_parts: tuple[npt.NDArray[np.float64], list[str], Mapping[str, str]] | None = None
 
     def ratio_by_group(self) -> dict[str, npt.NDArray[np.float64]]:
@@ -129,6 +150,7 @@ class Scorer:
             smoothing models; a private one is created when omitted.
         multipliers: per-device-group threshold multipliers (``incidents.threshold_multipliers``).
         scored_batch: also build :attr:`BatchResult.scored_batch` for the incident tracker.
+        keep_readings: also build :attr:`BatchResult.readings` (offline, ``score-file``).
     """
 
     def __init__(
@@ -141,6 +163,7 @@ class Scorer:
         memory: DeviceMemory | None = None,
         multipliers: ThresholdMultipliers | None = None,
         scored_batch: bool = False,
+        keep_readings: bool = False,
     ) -> None:
         self.detector = detector
         self.events_cfg = events
@@ -170,6 +193,7 @@ class Scorer:
             self.memory.configure(1, detector.feature_names, None)
         self.multipliers = multipliers or ThresholdMultipliers([])
         self.build_scored_batch = scored_batch
+        self.keep_readings = keep_readings
 
     # ---- helpers
 
@@ -384,6 +408,8 @@ class Scorer:
             out.scored_batch = self._scored_batch(
                 records, rows, group_of, finite, mults, by_constant, contributors, thr
             )
+        if self.keep_readings:
+            out.readings = self._readings(rows, anomalous, thr if mults is None else thr * mults)
         self._emit(records, rows, finite, anomalous, hot_rows, contributors, group_of, mults,
                    changed, out)  # fmt: skip
 
@@ -514,6 +540,30 @@ class Scorer:
                 if changed[j, k]
             ]
         return extra or None
+
+    def _readings(
+        self,
+        rows: _Rows,
+        anomalous: npt.NDArray[np.bool_],
+        eff: float | npt.NDArray[np.float64],
+    ) -> ReadingScores:
+        oor: dict[int, list[tuple[str, float]]] = {}
+        if rows.oor is not None and rows.oor.any():
+            found = np.flatnonzero(rows.oor)
+            info = self.detector.out_of_range(rows.x[found])
+            oor = {int(j): info.features(i) for i, j in enumerate(found.tolist())}
+        with np.errstate(invalid="ignore", over="ignore"):
+            ratio = rows.cmp / eff
+        return ReadingScores(
+            record=list(rows.index),
+            device_ids=list(rows.devices),
+            ts_ms=rows.ts_ms,
+            score=rows.s,
+            compared=rows.cmp,
+            ratio=np.asarray(ratio, dtype=np.float64),
+            anomalous=anomalous,
+            out_of_range=oor,
+        )
 
     def _scored_batch(
         self,
