@@ -484,6 +484,32 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]]) -> None:
             assert rule["from"], "no peer list would allow everyone"
 
 
+def test_worker_extra_egress(helm: str, tmp_path: Path) -> None:
+    # e.g. to Alertmanager (alertmanager.enabled): only the workers get the extra rule.
+    rule = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}],
+        "ports": [{"port": 9093, "protocol": "TCP"}],
+    }
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"networkPolicy": {"workerExtraEgress": [rule]}}))
+    result = _helm(helm, "template", "demo", str(CHART), "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert rule in _one(docs, "NetworkPolicy", "worker")["spec"]["egress"]
+    assert rule not in _one(docs, "NetworkPolicy", "serve")["spec"]["egress"]
+    path = tmp_path / "policies.yaml"
+    path.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] == "NetworkPolicy"]))
+    validator = Path(sys.executable).parent / "kubernetes-validate"
+    checked = subprocess.run(
+        [str(validator), "--strict", "--quiet", "-k", KUBE_VERSIONS[0], str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 # --------------------------------------------------------------- monitoring
 
 
