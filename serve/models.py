@@ -18,7 +18,7 @@ from detector import ArtifactError, Detector
 from detector.halves import code_width, decoder
 from detector.network import DenseNetwork
 from serve.config import ServeConfig
-from worker.config import ModelSettings
+from worker.config import ModelSettings, ReadingSettings
 from worker.decode import ReadingDecoder
 from worker.model_source import ModelSource
 
@@ -40,7 +40,7 @@ class ModelSlot:
     detector: Detector
     decoder_net: DenseNetwork | None
     loaded_at: float
-    _decoders: list[ReadingDecoder] = field(default_factory=list, repr=False)
+    _decoders: dict[ReadingSettings, ReadingDecoder] = field(default_factory=dict, repr=False)
 
     @property
     def version(self) -> str:
@@ -51,11 +51,14 @@ class ModelSlot:
         return code_width(self.detector.network)
 
     def reading_decoder(self, cfg: ServeConfig) -> ReadingDecoder:
-        """The worker's decoder for this model's features (one per slot; the event loop
-        runs one request at a time, so it is never used concurrently)."""
-        if not self._decoders:
-            self._decoders.append(ReadingDecoder(self.detector.feature_names, cfg.reading))
-        return self._decoders[0]
+        """The worker's decoder for this model's features and ``cfg.reading`` (built once;
+        the event loop runs one request at a time, so it is never used concurrently)."""
+        d = self._decoders.get(cfg.reading)
+        if d is None:
+            d = self._decoders[cfg.reading] = ReadingDecoder(
+                self.detector.feature_names, cfg.reading
+            )
+        return d
 
     def describe(self) -> dict[str, Any]:
         """``GET /v1/models/{name}``: identity, features, threshold, training summary."""

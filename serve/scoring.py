@@ -221,8 +221,9 @@ def _complete(raw: bytes, fields: list[bytes]) -> bytes:
     return raw[:start] + b",".join(fields) + sep + raw[start:]
 
 
-def _unknown_features_error(i: int, unknown: str, slot: ModelSlot) -> ApiError:
-    where = f"readings[{i}].values" if slot.detector.feature_names else f"readings[{i}]"
+def _unknown_features_error(i: int, unknown: str, slot: ModelSlot, cfg: ServeConfig) -> ApiError:
+    values = cfg.reading.values_field
+    where = f"readings[{i}].{values}" if values else f"readings[{i}]"
     return ApiError(
         422,
         f"readings[{i}] has feature {unknown!r}, which model {slot.name!r} version "
@@ -249,7 +250,7 @@ def _complete_readings(
         except msgspec.ValidationError as e:
             msg = str(e)
             if msg.startswith("Object contains unknown field `"):
-                raise _unknown_features_error(i, msg.split("`")[1], slot) from None
+                raise _unknown_features_error(i, msg.split("`")[1], slot, cfg) from None
             # Not an object, values not an object: the worker's decoder names the reason.
             values.append(raw)
             anonymous.append(False)
