@@ -6,9 +6,10 @@ Starlette provides routing and the request/response objects; every endpoint goes
 body carries an id (the traceback goes to the log, never to the client).
 
 Scoring runs on the event loop thread: a request's CPU work is bounded by
-``serve.max_readings`` (about 1 µs per reading, see docs/serve.md), smaller than a thread
-hand-off would cost for the common small request, and it keeps every
-:class:`~serve.models.ModelSlot` single-threaded.
+``serve.max_readings`` (about 10-20 µs per reading, see docs/serve.md); for the common small
+request that is less than a hand-off to a thread would cost, and it keeps every
+:class:`~serve.models.ModelSlot` single-threaded. While one large request is scored, other
+requests wait: lower ``serve.max_readings`` where latency matters more than batch size.
 """
 
 from __future__ import annotations

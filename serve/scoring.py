@@ -177,7 +177,7 @@ def _head_decoder(reading: ReadingSettings, names: tuple[str, ...]) -> msgspec.j
 
     Every field is a ``msgspec.Raw`` (the value is skipped, not parsed): the typed checks are
     the worker decoder's. ``forbid_unknown_fields`` makes the parser itself name the first
-    unknown feature, so a good reading costs about one microsecond here.
+    unknown feature, so a good reading costs a few microseconds here.
     """
     s = reading
     feats = [(f"f{i}", msgspec.Raw, _ABSENT) for i in range(len(names))]
