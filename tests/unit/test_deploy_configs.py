@@ -47,6 +47,9 @@ EXPECTED_ALERTS = {
     "SensorAnomalyNoData",
     "SensorAnomalyModelStale",
     "SensorAnomalyWorkerNotReady",
+    "SensorAnomalyInputOutOfTrainingRange",
+    "SensorAnomalyAboveThresholdDrift",
+    "SensorAnomalyCriticalIncidentsOpen",
 }
 
 # The worker's metric contract; histograms also expose _bucket/_sum/_count.
@@ -59,12 +62,20 @@ COUNTERS = {
     "sensor_anomaly_kafka_errors_total",
     "sensor_anomaly_rebalances_total",
     "sensor_anomaly_model_reloads_total",
+    "sensor_anomaly_drift_readings_total",
+    "sensor_anomaly_drift_out_of_range_readings_total",
+    "sensor_anomaly_drift_above_threshold_readings_total",
+    "sensor_anomaly_readings_warming_up_total",
+    "sensor_anomaly_readings_replayed_total",
+    "sensor_anomaly_incidents_opened_total",
+    "sensor_anomaly_incidents_resolved_total",
 }
 HISTOGRAMS = {
     "sensor_anomaly_batch_size_readings",
     "sensor_anomaly_scoring_duration_seconds",
     "sensor_anomaly_end_to_end_latency_seconds",
     "sensor_anomaly_score_ratio",
+    "sensor_anomaly_incident_duration_seconds",
 }
 GAUGES = {
     "sensor_anomaly_threshold",
@@ -73,6 +84,9 @@ GAUGES = {
     "sensor_anomaly_consumer_lag_messages",
     "sensor_anomaly_last_batch_timestamp_seconds",
     "sensor_anomaly_ready",
+    "sensor_anomaly_drift_expected_above_threshold_ratio",
+    "sensor_anomaly_drift_score_ratio_psi",
+    "sensor_anomaly_incidents_open",
 }
 KNOWN_METRICS = (
     COUNTERS
