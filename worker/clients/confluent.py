@@ -225,6 +225,7 @@ def producer_config(cfg: WorkerConfig, instance_id: str = "") -> dict[str, Any]:
         conf["transaction.timeout.ms"] = k.transaction_timeout_ms
         # librdkafka requires a record's delivery timeout within the transaction's.
         conf["message.timeout.ms"] = k.transaction_timeout_ms
+        conf["socket.timeout.ms"] = min(conf["socket.timeout.ms"], k.transaction_timeout_ms)
     return conf
 
 
@@ -257,6 +258,19 @@ def _run_bounded(fn: Any, timeout_s: float, what: str) -> Any:
     if ok:
         return value
     raise value
+
+
+def _construct(cls: Any, conf: dict[str, Any]) -> Any:
+    """A librdkafka client; settings it refuses are the user's to fix (StartupError)."""
+    try:
+        return cls(conf)
+    except ck.KafkaException as e:
+        err = e.args[0] if e.args else e
+        text = err.str() if isinstance(err, ck.KafkaError) else str(err)
+        raise StartupError(
+            f"the confluent client refused the kafka settings: {text}; fix the kafka.* "
+            "settings (or use kafka.client: kafka-python)"
+        ) from None
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -321,7 +335,9 @@ class Consumer:
 
     def __init__(self, conf: Mapping[str, Any], op_timeout_s: float = 30.0) -> None:
         self._op_timeout_s = op_timeout_s
-        self._c = ck.Consumer({**conf, "error_cb": self._on_error, "logger": _client_log})
+        self._c = _construct(
+            ck.Consumer, {**conf, "error_cb": self._on_error, "logger": _client_log}
+        )
         self._tps: dict[tuple[str, int], TopicPartition] = {}
         self._listener: Any = None
         self._closing = False
@@ -475,9 +491,21 @@ class Consumer:
                 raise translate(p.error)
 
     async def commit_async(self, offsets: Mapping[TopicPartition, Any] | None = None) -> None:
-        """For the rebalance listener: a synchronous, bounded commit (librdkafka runs the
-        listener on the loop's thread, where blocking is allowed)."""
-        self.commit(offsets, timeout_ms=int(min(self._op_timeout_s, 10.0) * 1000))
+        """For the rebalance listener: a synchronous commit on the calling thread.
+
+        librdkafka runs the listener inside ``poll`` on the loop's thread, where blocking is
+        allowed; a commit issued from another thread meanwhile is not served until the
+        callback returns (measured: it waits out any timeout), so this one is direct.
+        """
+        if not offsets:
+            return
+        try:
+            res = self._c.commit(offsets=self._ck_offsets(offsets), asynchronous=False)
+        except ck.KafkaException as e:
+            raise translate(e) from None
+        for p in res or ():
+            if p.error is not None:
+                raise translate(p.error)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """Fetch ``tp`` from ``offset`` next; records of it already fetched are dropped."""
@@ -591,7 +619,9 @@ class Producer:
 
     def __init__(self, conf: Mapping[str, Any], max_block_s: float = 10.0) -> None:
         self._max_block_s = max_block_s
-        self._p = ck.Producer({**conf, "error_cb": self._on_error, "logger": _client_log})
+        self._p = _construct(
+            ck.Producer, {**conf, "error_cb": self._on_error, "logger": _client_log}
+        )
 
     @staticmethod
     def _on_error(err: ck.KafkaError) -> None:
