@@ -6,7 +6,8 @@
 Each round runs two saturation runs on the same pre-filled 4-partition topic (fresh
 consumer group each, order alternating between rounds so machine load drifts cancel):
 ``quiet`` (no clients) and ``scraped`` (``--clients`` concurrent clients, each sending
-requests back to back, a new connection each, for the whole run; 2 of 4 to ``/metrics``).
+requests back to back, a new connection each, for the whole run; 2 of 4 to ``/metrics``,
+asking for gzip as Prometheus does).
 The clients run in a process of their own on asyncio, so their CPU is not the worker's.
 Worker readings/s come from the group's committed offsets over 10-90 % of the topic
 (``scripts/bench.py``'s method), worker CPU from ``/proc``. Every request must be answered
@@ -53,7 +54,9 @@ async def _client(
         data = b""
         try:
             r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            # /metrics as Prometheus asks for it (gzip), the probes as curl would.
+            enc = "Accept-Encoding: gzip\r\n" if path == "/metrics" else ""
+            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{enc}Connection: close\r\n\r\n".encode())
             data = await asyncio.wait_for(r.read(), timeout)
             w.close()
             status = data[9:12].decode() if data.startswith(b"HTTP/1.1 ") else "garbled"

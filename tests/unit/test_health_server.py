@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import socket
 import threading
@@ -149,3 +150,18 @@ def test_stop_closes_the_port(registry: CollectorRegistry) -> None:
     srv.stop()
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=2).close()
+
+
+def test_metrics_gzip_when_the_client_accepts_it(server: HealthServer) -> None:
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200 and r.getheader("Content-Encoding") == "gzip"
+    finally:
+        conn.close()
+    assert b"demo_things_total 3.0" in gzip.decompress(body)
+    _, headers, plain = _request(server, "GET", "/metrics")  # no Accept-Encoding: plain
+    assert "content-encoding" not in headers and b"demo_things_total 3.0" in plain
