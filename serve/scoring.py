@@ -175,12 +175,14 @@ _ABSENT = msgspec.Raw()  # the default of every head field: identity means "not 
 def _head_decoder(reading: ReadingSettings, names: tuple[str, ...]) -> msgspec.json.Decoder[Any]:
     """Reads which header fields a reading has, and refuses feature names not in ``names``.
 
-    Every field is a ``msgspec.Raw`` (the value is skipped, not parsed): the typed checks are
-    the worker decoder's. ``forbid_unknown_fields`` makes the parser itself name the first
-    unknown feature, so a good reading costs a few microseconds here.
+    Values are parsed untyped; the typed checks are the worker decoder's.
+    ``forbid_unknown_fields`` makes the parser itself name the first unknown feature, so a
+    good reading costs a few microseconds here.
     """
     s = reading
-    feats = [(f"f{i}", msgspec.Raw, _ABSENT) for i in range(len(names))]
+    # Any, not Raw, for the values: measured faster (a Raw object per value costs more than
+    # parsing the number); the worker's decoder does the typed checks afterwards.
+    feats = [(f"f{i}", Any, None) for i in range(len(names))]
     rename = {f"f{i}": n for i, n in enumerate(names)}
     head = [("device", msgspec.Raw, _ABSENT), ("ts", msgspec.Raw, _ABSENT)]
     head_names = {"device": s.device_field, "ts": s.timestamp_field}
