@@ -159,6 +159,7 @@ def main() -> int:
         "in": f"demo-readings-{stamp}",
         "out": f"demo-anomalies-{stamp}",
         "dlq": f"demo-dlq-{stamp}",
+        "inc": f"demo-incidents-{stamp}",
     }
     create_topics(bootstrap, {topics["in"]: 4, topics["out"]: 1, topics["dlq"]: 1})
     group = f"demo-worker-{stamp}"
@@ -173,6 +174,8 @@ def main() -> int:
             "instance_id": "demo-1",
         },
         "model": {"registry": str(OUT / "registry"), "name": "sensors"},
+        # Incidents with the shipped rules (docs/incidents.md); the worker creates the topic.
+        "incidents": {"enabled": True, "topic": topics["inc"]},
         "http": {"host": "127.0.0.1", "port": port},
     }
     (OUT / "worker.yaml").write_text(yaml.safe_dump(cfg))
@@ -203,8 +206,10 @@ def main() -> int:
             raise SystemExit("worker did not become ready")
         print(f"ready after {time.monotonic() - t_start:.1f}s")
 
+        per_device = int(args.rate * args.duration / args.devices) + 1
         step(
-            f"Streaming {args.duration:.0f}s of readings at {args.rate:.0f}/s with injected "
+            f"Streaming {args.duration:.0f}s of readings at {args.rate:.0f}/s ({per_device} s of "
+            "event time per device) with injected "
             "anomalies (spike, drift, stuck, noise burst, correlated fault)"
         )
         sim = subprocess.Popen(
@@ -223,11 +228,13 @@ def main() -> int:
                 "0.02",
                 "--truth",
                 str(OUT / "truth.jsonl"),
-                # Event time keeps pace with wall time: a device reads every devices/rate s.
+                # Each device reads once a second of event time (the incident rules count
+                # seconds of event time), so the run covers per_device seconds that end
+                # about now: the fleet's last hour, replayed at the given rate.
                 "--start-ms",
-                "now",
+                str(int(time.time() * 1000) - per_device * 1000),
                 "--period-ms",
-                str(max(1, int(1000 * args.devices / args.rate))),
+                "1000",
                 *fleet,
             ],
             cwd=REPO,
@@ -301,18 +308,100 @@ def summarize(
     print(f"dead letters       : {len(dead)} {dict(reasons)}")
     print_devices(events)
     (OUT / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    lat_n = metric(metrics_text, "sensor_anomaly_end_to_end_latency_seconds_count")
-    lat_s = metric(metrics_text, "sensor_anomaly_end_to_end_latency_seconds_sum")
-    print(
-        f"\nmean end-to-end latency (reading → event acknowledged): "
-        f"{1000 * lat_s / max(lat_n, 1):.0f} ms over {int(lat_n)} events"
-    )
+    incidents = [json.loads(m.value) for m in read_topic(bootstrap, topics["inc"])]
+    (OUT / "incidents.jsonl").write_text("".join(json.dumps(e) + "\n" for e in incidents))
+    summarize_incidents(incidents, truth)
     print(
         f"metrics were served at http://127.0.0.1:{port}/metrics "
         f"(health: /healthz, /readyz); snapshot: {OUT / 'metrics.txt'}"
     )
     (OUT / "metrics.txt").write_text(metrics_text)
     print(f"training report: {OUT / 'report'}; worker log: {OUT / 'worker.log'}")
+
+
+def _segments(
+    truth: dict[tuple[str, int], str], gap_ms: int = 1500
+) -> list[tuple[str, int, int, str]]:
+    """Injected anomaly runs: (device, first ms, last ms, kind), readings ≤ gap_ms apart."""
+    per: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for (dev, ts), kind in truth.items():
+        per[dev].append((ts, kind))
+    runs: list[tuple[str, int, int, str]] = []
+    for dev, pts in per.items():
+        pts.sort()
+        start, last, kind = pts[0][0], pts[0][0], pts[0][1]
+        for ts, k in pts[1:]:
+            if ts - last > gap_ms:
+                runs.append((dev, start, last, kind))
+                start, kind = ts, k
+            last = ts
+        runs.append((dev, start, last, kind))
+    return runs
+
+
+def summarize_incidents(incidents: list[dict[str, Any]], truth: dict[tuple[str, int], str]) -> None:
+    """Incidents per device, and injected runs → incidents (detected, missed, false)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for doc in incidents:  # per id, the latest state wins (events of a device are in order)
+        latest[doc["incident_id"]] = doc
+    runs = _segments(truth)
+    opened_per_run: Counter[int] = Counter()
+    delays: list[float] = []
+    false = 0
+    for inc in latest.values():
+        lo, hi = inc["started_at_ms"], inc["last_anomalous_at_ms"]
+        hits = [
+            i
+            for i, (dev, a, b, _) in enumerate(runs)
+            if dev == inc["device_id"] and lo <= b and a <= hi
+        ]
+        if not hits:
+            false += 1
+        for i in hits:
+            if opened_per_run[i] == 0:
+                delays.append(max(0.0, (inc["opened_at_ms"] - runs[i][1]) / 1000))
+            opened_per_run[i] += 1
+    detected = sum(1 for i in range(len(runs)) if opened_per_run[i])
+    by_kind = Counter(r[3] for r in runs)
+    hit_kind = Counter(runs[i][3] for i in range(len(runs)) if opened_per_run[i])
+    n_states = Counter(d["state"] for d in incidents)
+    print(
+        f"\nincidents          : {len(latest)} ({n_states['opened']} opened, "
+        f"{n_states['updated']} updates, {n_states['resolved']} resolved) "
+        f"→ {OUT / 'incidents.jsonl'}"
+    )
+    delays.sort()
+    p50 = delays[len(delays) // 2] if delays else float("nan")
+    p95 = delays[min(len(delays) - 1, int(0.95 * len(delays)))] if delays else float("nan")
+    print(
+        f"injected runs      : {len(runs)}, with an incident {detected}, "
+        f"missed {len(runs) - detected}; "
+        f"false incidents {false}; time to open p50 {p50:.0f} s, p95 {p95:.0f} s (event time)"
+    )
+    print(
+        "runs by kind       : "
+        + ", ".join(f"{k} {hit_kind[k]}/{n}" for k, n in sorted(by_kind.items()))
+    )
+    print("\nper device: incidents (severity, duration, top sensors: max share, value vs expected)")
+    per_dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for inc in latest.values():
+        per_dev[inc["device_id"]].append(inc)
+    for dev in sorted(per_dev):
+        incs = sorted(per_dev[dev], key=lambda d: d["opened_at_ms"])
+        print(f"  {dev}: {len(incs)} incident(s)")
+        for inc in incs[:4]:
+            top = ", ".join(
+                f"{t['sensor']} {t['max_share']:.0%} ({t['value']:.3g} vs {t['expected']:.3g})"
+                for t in inc["top_sensors"][:3]
+            )
+            state = "open" if inc["state"] != "resolved" else "resolved"
+            print(
+                f"    {inc['opened_at']} {inc['severity']:8s} {state:8s} "
+                f"{inc['duration_s']:5.0f} s, "
+                f"peak {inc['peak_score_ratio']:.1f}×: {top}"
+            )
+        if len(incs) > 4:
+            print(f"    … {len(incs) - 4} more")
 
 
 def print_devices(events: list[dict[str, Any]]) -> None:
