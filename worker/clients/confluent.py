@@ -433,9 +433,9 @@ class Consumer:
         out: dict[TopicPartition, list[Record]] = {}
         lt, lp, lst = "", -1, None
         for m in msgs:
-            e = m.error()
-            if e is not None:
-                self._message_error(e)
+            merr = m.error()
+            if merr is not None:
+                self._message_error(merr)
                 continue
             t, p = m.topic(), m.partition()
             if p != lp or t != lt or lst is None:
@@ -890,11 +890,22 @@ def ensure_topics(cfg: WorkerConfig, timeout_ms: int = 5000) -> list[str]:
     if not missing_outputs:
         return missing_inputs
     parts = k.topic_partitions or next((existing[t] for t in k.input_topics if t in existing), 1)
+    _create(admin, missing_outputs, parts, k.topic_replication, timeout_s, failed)
+    log.info("created topic(s) %s with %d partition(s)", ", ".join(missing_outputs), parts)
+    return missing_inputs
+
+
+def _create(
+    admin: AdminClient,
+    topics: list[str],
+    parts: int,
+    replication: int,
+    timeout_s: float,
+    failed: Any,
+) -> None:
+    """Create ``topics`` and wait until the broker shows them (StartupError if not)."""
     futures = admin.create_topics(
-        [
-            NewTopic(t, num_partitions=parts, replication_factor=k.topic_replication)
-            for t in missing_outputs
-        ],
+        [NewTopic(t, num_partitions=parts, replication_factor=replication) for t in topics],
         request_timeout=timeout_s,
     )
     for fut in futures.values():
@@ -904,7 +915,7 @@ def ensure_topics(cfg: WorkerConfig, timeout_ms: int = 5000) -> list[str]:
             err = translate(e)
             if "Authorization" in type(err).__name__:
                 raise StartupError(
-                    f"not allowed to create {', '.join(missing_outputs)} "
+                    f"not allowed to create {', '.join(topics)} "
                     f"({type(err).__name__}); create them or grant CREATE"
                 ) from None
             # Already exists (a concurrent creator) or a transient failure: checked below.
@@ -913,15 +924,13 @@ def ensure_topics(cfg: WorkerConfig, timeout_ms: int = 5000) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if len(_existing(admin, missing_outputs, timeout_s)) == len(missing_outputs):
-                break
+            if len(_existing(admin, topics, timeout_s)) == len(topics):
+                return
         except ck.KafkaException as e:
             raise failed(e) from None
         if time.monotonic() > deadline:
             raise StartupError(
-                f"could not create {', '.join(missing_outputs)}; create them by hand "
+                f"could not create {', '.join(topics)}; create them by hand "
                 "(check the broker's log and kafka.topic_replication)"
             )
         time.sleep(0.2)
-    log.info("created topic(s) %s with %d partition(s)", ", ".join(missing_outputs), parts)
-    return missing_inputs
