@@ -6,6 +6,8 @@ always before a rebalance, a model switch and a shutdown):
 
 At least once (default):
     1. score the batch (pure; bad records become dead letters, never exceptions);
+       1b. with per-device state (worker/stateful.py): apply the incident rules, record
+       the state changes, and add the incident events to the batch's outputs;
     2. send every event and dead letter of the batch to the producer (asynchronously); if a
        send raises, the batch is marked for re-sending: nothing after it is trusted;
     3. flush the producer and check every send since the last commit was acknowledged
@@ -13,6 +15,8 @@ At least once (default):
        is committed and *all* outputs since the last commit are sent again after a back-off
        (duplicates carry the same ``event_id``), until acknowledged, a stop request (left
        uncommitted: the next owner replays) or ``kafka.outage_give_up_s`` (exit 3);
+       3b. send the state changes to the compacted changelog and wait for them too (a
+       replay after a crash here skips readings the restored state already applied);
     4. check this member still holds a valid group generation, then commit each
        partition's offset (one past its last scored record) synchronously;
     5. only then update metrics.
@@ -20,8 +24,9 @@ At least once (default):
     skipped.
 
 Exactly once (``kafka.delivery = exactly_once``):
-    1. score the batch;
-    2. (begin a transaction if none is open) send events and dead letters in it;
+    1. score the batch (1b as above);
+    2. (begin a transaction if none is open) send events, dead letters and incident events
+       in it; 2b. at commit time, the state changes to the changelog in the same transaction;
     3. check this member still holds a valid group generation, then add the offsets to the
        transaction with the consumer's group metadata (KIP-447 fencing of zombies);
     4. commit the transaction, waiting at most ``kafka.request_timeout_ms``;
@@ -33,6 +38,10 @@ Exactly once (``kafka.delivery = exactly_once``):
     again. Outputs are deterministic, so readers see each output exactly once whichever way
     the open transaction went; we never re-send a transaction's outputs while its outcome
     is unknown. Readers of the output topics must use ``isolation.level=read_committed``.
+
+Per-device state is restored from the changelog for every newly assigned partition before
+any of its records is scored (after the committed offsets are fetched, so a previous
+owner's open transaction is resolved first); a dropped transaction reloads it.
 
 Group membership: a member that has lost its generation (evicted after a stall: a zombie)
 commits nothing: ``on_partitions_lost`` and the generation check in step 3/4 drop its
