@@ -29,7 +29,7 @@ from worker.alertmanager import AlertmanagerClient
 from worker.config import ConfigError, WorkerConfig, load_config
 from worker.health import HealthServer
 from worker.identity import resolve_instance_id
-from worker.incidents import IncidentTracker
+from worker.incidents import IncidentTracker, ThresholdMultipliers
 from worker.logs import setup_logging
 from worker.loop import GiveUp, StartupError, Worker
 from worker.memory import DeviceMemory
@@ -341,11 +341,9 @@ def score_file(
     return 0
 
 
-def _multipliers(cfg: WorkerConfig) -> Any:
-    """The config's per-device-group threshold multipliers (None without an incidents section)."""
-    from worker.incidents import ThresholdMultipliers
-
-    specs = getattr(getattr(cfg, "incidents", None), "threshold_multipliers", ())
+def _multipliers(cfg: WorkerConfig) -> ThresholdMultipliers | None:
+    """The config's per-device-group threshold multipliers, as the Kafka loop applies them."""
+    specs = cfg.incidents.threshold_multipliers
     return ThresholdMultipliers.parse(specs) if specs else None
 
 
