@@ -108,6 +108,11 @@ def clients_main(port: int, n: int, seconds: float, out: Path) -> None:
 # --------------------------------------------------------------------------- the runs
 
 
+class Stalled(RuntimeError):
+    """The worker committed nothing for a minute after it was ready (not a scraping effect:
+    seen with and without clients, a consumer-group rejoin that never completes)."""
+
+
 def one_run(ctx: bench.Ctx, label: str, clients: int) -> dict[str, Any]:
     """bench.saturation_run's measurement, with ``clients`` scraping the worker meanwhile."""
     group = ctx.kafka.group(label)
@@ -118,10 +123,15 @@ def one_run(ctx: bench.Ctx, label: str, clients: int) -> dict[str, Any]:
     scrape_out = ctx.run_dir / f"{label}-clients.json"
     try:
         deadline = time.monotonic() + 300
-        done = 0
+        done = last = 0
+        last_progress = time.monotonic()
         while done < ctx.total:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{label}: committed {done} of {ctx.total} after 300 s")
+            if done != last:
+                last, last_progress = done, time.monotonic()
+            elif time.monotonic() - last_progress > 60:
+                raise Stalled(f"{label}: no commit for 60 s at {done} of {ctx.total}, log {w.log}")
             w.alive_or_raise()
             ready = w.check_ready()
             if ready and clients and scraper is None:
@@ -223,6 +233,7 @@ def run(a: argparse.Namespace) -> int:
         broker=bench.broker_pid(),
     )
     rows: list[dict[str, Any]] = []
+    stalls: list[str] = []
     try:
         spec = FleetSpec(devices=bench.DEVICES, sensors=bench.SENSORS, seed=bench.SEED)
         save_linear_detector(ctx.registry, normal_matrix(spec, 20_000), feature_names(spec), code=8)
@@ -234,7 +245,15 @@ def run(a: argparse.Namespace) -> int:
         for rnd in range(a.rounds):
             order = [("quiet", 0), ("scraped", a.clients)]
             for label, n in order if rnd % 2 == 0 else order[::-1]:
-                r = one_run(ctx, f"{label}{rnd}", n)
+                for attempt in range(3):
+                    try:
+                        r = one_run(ctx, f"{label}{rnd}-{attempt}", n)
+                        break
+                    except Stalled as e:
+                        stalls.append(str(e))
+                        print(f"stalled, retrying: {e}", file=sys.stderr)
+                else:
+                    raise RuntimeError(f"{label}{rnd}: stalled 3 times")
                 rows.append(r)
                 extra = ""
                 if n:
@@ -252,7 +271,10 @@ def run(a: argparse.Namespace) -> int:
     table = _table(rows, a.clients)
     print(table)
     bench.OUT.mkdir(exist_ok=True)
-    (bench.OUT / "scrape.json").write_text(json.dumps({"runs": rows, "table": table}, indent=2))
+    print(f"stalled runs retried: {len(stalls)}")
+    (bench.OUT / "scrape.json").write_text(
+        json.dumps({"runs": rows, "table": table, "stalls": stalls}, indent=2)
+    )
     return 0
 
 
