@@ -318,10 +318,29 @@ def _md_data(m: dict[str, Any]) -> list[str]:
         ("non-numeric columns ignored", ", ".join(d["ignored_columns"]) or "none"),
         ("constant/all-missing columns dropped", ", ".join(d["dropped_columns"]) or "none"),
         (
+            "constant columns watched (value)",
+            ", ".join(f"{c['name']} ({c['value']:g})" for c in d.get("watched_constants", []))
+            or "none",
+        ),
+        (
+            "missing values imputed",
+            f"{d.get('imputed_total', 0)}"
+            + (
+                " (" + ", ".join(f"{k} {v}" for k, v in d["imputed_values"].items()) + ")"
+                if d.get("imputed_values")
+                else ""
+            ),
+        ),
+        (
             "split (train / validation / holdout)",
             f"{s['train']} / {s['validation']} / {s['holdout']}",
         ),
-        ("split order", "random (seeded)" if s["shuffle"] else "chronological"),
+        (
+            "split order",
+            "random (seeded)"
+            if s["shuffle"]
+            else f"chronological (by {d.get('time_order', 'row order')})",
+        ),
         ("training-data fingerprint", f"`{d['fingerprint'][:16]}…`"),
     ]
     return ["## Data", "", _table(("", ""), rows), ""]
@@ -332,6 +351,7 @@ def _md_model(m: dict[str, Any], h: FitHistory) -> list[str]:
     hp = mod["hyperparameters"]
     rows = [
         ("architecture", mod["architecture"]),
+        ("window (readings) / EWMA alpha", f"{mod.get('window', 1)} / {mod.get('ewma_alpha')}"),
         ("activation / output", f"{hp['activation']} / {mod['output_activation']}"),
         ("scaler / imputer", f"{mod['scaler']} / {mod['imputer']}"),
         ("dropout / L2", f"{hp['dropout']:g} / {hp['l2']:g}"),
@@ -340,6 +360,7 @@ def _md_model(m: dict[str, Any], h: FitHistory) -> list[str]:
         ("epochs run (max)", f"{len(h.loss)} ({hp['epochs']})"),
         ("best epoch / val_loss", f"{h.best_epoch} / {h.best_val_loss:.6g}"),
         ("stopped early", h.stopped_early),
+        ("stopped at the epoch cap", not h.stopped_early),
         ("fit time", f"{h.seconds:.1f} s ({h.seconds / max(len(h.loss), 1):.2f} s/epoch)"),
         ("seed / deterministic", f"{hp['seed']} / {_fmt(hp['deterministic'])}"),
     ]
@@ -488,6 +509,8 @@ def _markdown(inp: ReportInputs, images: set[str]) -> str:
         f"(scaled units).",
         "",
     ]
+    if m.get("warnings"):
+        lines += ["## Warnings", "", *(f"- {w}" for w in m["warnings"]), ""]
     lines += _md_data(m) + _md_model(m, inp.history)
     if "loss.png" in images:
         lines += ["![loss curves](loss.png)", ""]
