@@ -231,9 +231,12 @@ def gather(
     index. Python work is per device, not per reading.
 
     Returns ``(windows (m, w, d) float32, rows (m,) ascending, history)`` where ``history``
-    holds the new last ``<= w - 1`` readings of every device *of the batch* only.
+    holds the new last ``<= w - 1`` readings of every device *of the batch* only. One
+    difference: an infinite value (a number beyond float32) is kept in the window of its own
+    reading but is NaN (missing) as a predecessor and in the history.
     """
-    a = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 -> inf, handled below
+        a = np.asarray(x, dtype=np.float32)
     n = len(device_ids)
     if a.ndim != 2 or len(a) != n or w < 2:
         raise ValueError(f"expected {n} readings of shape (n, d) and a window >= 2")
@@ -272,6 +275,13 @@ def gather(
     by_row = np.argsort(rows, kind="stable")
     ends, rows = ends[by_row], rows[by_row]
     windows = big[seq[ends[:, None] + np.arange(-keep, 1)]]
+    poisoned = bool(np.isinf(a).any())
+    if poisoned:
+        # A value beyond float32 (e.g. 1e308) makes its own reading unscorable (a dead
+        # letter), but must not make the next w - 1 readings of the device unscorable too:
+        # as a predecessor it counts as missing (imputed), like a null.
+        head = windows[:, :-1]
+        head[np.isinf(head)] = np.nan
     # New history: the last <= keep entries of each segment (slices of one fresh array).
     tail = np.minimum(seg_len, keep)
     tail_start = seg_start + seg_len - tail
@@ -280,6 +290,8 @@ def gather(
         + (np.arange(int(tail.sum())) - np.repeat(np.cumsum(tail) - tail, tail))
     ]
     hist_all = big[tail_rows]
+    if poisoned:
+        hist_all[np.isinf(hist_all)] = np.nan
     new_hist: dict[str, F32] = {}
     lo = 0
     for dv, k in zip(devs, tail.tolist(), strict=True):

@@ -216,6 +216,19 @@ def test_memory_survives_export_and_restore_in_the_middle_and_skips_replays() ->
         ]
 
 
+def test_an_overflowing_value_dead_letters_its_reading_only() -> None:
+    det = windowed_detector(3)
+    readings = [r for r in _readings(12, 0.0) if r.device_id == "pump-000"]
+    docs = [json.loads(r.to_json()) for r in readings]
+    docs[5]["values"]["sensor_01"] = 1e308  # a finite JSON number, infinite as float32
+    recs = [SimpleRecord("in", 0, i, None, json.dumps(d).encode(), []) for i, d in enumerate(docs)]
+    scorer = Scorer(det, ReadingSettings(), EventSettings())
+    first, second = scorer.process(recs[:7]), scorer.process(recs[7:])
+    assert first.dead_by_reason == {Reason.NON_FINITE_SCORE: 1}  # row 5 itself
+    assert first.scored == 7 - 2 - 1 and second.scored == len(recs) - 7
+    assert second.dead_letters == []
+
+
 def test_reload_with_another_shape_drops_the_memory_with_tombstones() -> None:
     readings = _readings(10, 0.0)
     mem = DeviceMemory()
