@@ -391,7 +391,9 @@ class IncidentTracker:
     partition (the readings' Kafka key is the device id).
     """
 
-    def __init__(self, settings: IncidentSettings) -> None:
+    def __init__(self, settings: IncidentSettings, model_name: str = "") -> None:
+        """``model_name`` names the model in events made before the first batch (after a
+        restore: :meth:`expire`, :meth:`open_incident_events`)."""
         settings.validate()
         self.settings = settings
         self.multipliers = ThresholdMultipliers.parse(settings.threshold_multipliers)
@@ -400,7 +402,7 @@ class IncidentTracker:
         self._open: set[str] = set()  # devices with an open incident
         self._applied: dict[int, dict[str, int]] = {}
         # Of the latest batch: what a watermark-driven resolve (expire) reports.
-        self._model_name = ""
+        self._model_name = model_name
         self._threshold = 0.0
         s = settings
         self._mask = (1 << s.window) - 1
@@ -447,6 +449,34 @@ class IncidentTracker:
         return {
             d: s.incident for d, s in self._states.items() if s.incident and s.incident.id != ""
         }
+
+    def open_incident_events(self, partition: int | None = None) -> list[IncidentEvent]:
+        """An ``updated`` event per open incident (of ``partition``), changing nothing.
+
+        For re-announcing restored incidents to Alertmanager after an assignment; not meant
+        for the incidents topic (the sequence number is not advanced).
+        """
+        out = []
+        for d, st in self._states.items():
+            inc = st.incident
+            if inc is None or not inc.id:
+                continue
+            if partition is not None and self._partition_of.get(d) != partition:
+                continue
+            mult = self.multipliers.for_group(inc.device_group)
+            out.append(
+                IncidentEvent(
+                    state="updated",
+                    device_id=d,
+                    device_group=inc.device_group,
+                    model_name=self._model_name,
+                    incident=inc,
+                    event_ms=inc.last_ts_ms,
+                    threshold=self._threshold * mult,
+                    multiplier=mult,
+                )
+            )
+        return out
 
     def open_counts(self) -> Counter[tuple[str, str]]:
         """Open incidents per (device group, severity): the ``incidents_open`` gauge."""
