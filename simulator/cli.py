@@ -143,9 +143,11 @@ def _fleet_options() -> _Parser:
     g.add_argument(
         "--period-ms",
         type=_int_at_least(1, "use the milliseconds between a device's readings, e.g. 1000"),
-        default=FleetSpec.period_ms,
+        default=None,
         metavar="MS",
-        help="event-time ms between a device's readings (default: %(default)s)",
+        help=f"event-time ms between a device's readings (default: {FleetSpec.period_ms}; for "
+        "`produce` with --rate: devices × 1000 / rate, so event time keeps pace with wall "
+        "time and a live consumer's time checks pass)",
     )
     g.add_argument(
         "--start-ms",
@@ -320,12 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args: argparse.Namespace) -> FleetSpec:
+    period = args.period_ms
+    if period is None:
+        rate = getattr(args, "rate", 0) or 0
+        period = max(1, round(args.devices * 1000 / rate)) if rate > 0 else FleetSpec.period_ms
     try:
         return FleetSpec(
             devices=args.devices,
             sensors=args.sensors,
             seed=args.seed,
-            period_ms=args.period_ms,
+            period_ms=period,
             start_ms=args.start_ms,
         )
     except ValueError as exc:  # the message already says how to fix it
