@@ -27,7 +27,9 @@ def registry() -> CollectorRegistry:
 def server(registry: CollectorRegistry) -> Iterator[HealthServer]:
     state = HealthState()
     state.update(model_version="v0001", assigned_partitions=1, broker_ok=True)
-    srv = HealthServer("127.0.0.1", 0, registry, state, max_connections=16).start()
+    srv = HealthServer(
+        "127.0.0.1", 0, registry, state, max_connections=16, max_requests_per_s=2000
+    ).start()
     try:
         yield srv
     finally:
@@ -165,3 +167,19 @@ def test_metrics_gzip_when_the_client_accepts_it(server: HealthServer) -> None:
     assert b"demo_things_total 3.0" in gzip.decompress(body)
     _, headers, plain = _request(server, "GET", "/metrics")  # no Accept-Encoding: plain
     assert "content-encoding" not in headers and b"demo_things_total 3.0" in plain
+
+
+def test_probes_are_answered_before_a_scrape_flood(registry: CollectorRegistry) -> None:
+    srv = HealthServer("127.0.0.1", 0, registry, HealthState(), max_requests_per_s=20).start()
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            flood = [pool.submit(_request, srv, "GET", "/metrics") for _ in range(40)]
+            deadline = time.monotonic() + 10
+            while len(srv._queue) < 30 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(srv._queue) >= 30  # the flood is waiting for its turn
+            assert _request(srv, "GET", "/healthz")[0] == 200
+            assert srv.requests_served < 30  # the probe jumped the queue
+            assert [f.result()[0] for f in flood] == [200] * 40
+    finally:
+        srv.stop()
