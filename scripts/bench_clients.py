@@ -291,7 +291,7 @@ def main() -> int:
     finally:
         B.stop_all()
         ctx.kafka.cleanup()
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         k: {
             "cpu_us": B.summary([x["cpu_s_per_reading"] * 1e6 for x in rs]),
             "rate": B.summary([x["rate"] for x in rs]),
@@ -302,7 +302,7 @@ def main() -> int:
     results["rows"] = rows
 
     def med(k: str) -> float | None:
-        return rows[k]["cpu_us"]["median"] if k in rows else None
+        return float(rows[k]["cpu_us"]["median"]) if k in rows else None
 
     ratios: dict[str, float] = {}
     for name, a, b in (
