@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     p.add_argument("--json", type=Path)
     p.add_argument("--rows", type=int, default=60_000, help="normal training rows")
+    p.add_argument(
+        "--random-split",
+        action="store_true",
+        help="the example config's random split instead (per-point modes only)",
+    )
     a = p.parse_args(argv)
     base = yaml.safe_load((REPO / "examples" / "trainer-synthetic.yaml").read_text())
     streams = {
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"registry={tmp}/registry",
                     # Every mode on the same chronological split (windows and smoothing
                     # need one; the example config's random split would differ per mode).
-                    "split.shuffle=false",
+                    f"split.shuffle={'true' if a.random_split else 'false'}",
                     *MODES[mode],
                 ],
             )
