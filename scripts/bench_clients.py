@@ -131,20 +131,47 @@ def raw_run(ctx: B.Ctx, key: str, i: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- profile
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of ``pid`` (librdkafka names its threads ``rdk:*``)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        secs = (int(fields[11]) + int(fields[12])) / B.CLK_TCK
+        key = "main (Python)" if task.name == str(pid) else name
+        out[key] = out.get(key, 0.0) + secs
+    return out
+
+
 def profile(ctx: B.Ctx, key: str, seconds: float) -> Path:
-    """py-spy a worker run of ``key`` for ``seconds`` (a flat profile, own time per function)."""
+    """py-spy a worker run of ``key`` for ``seconds``: a flat profile of the Python threads
+    (own time per line) and CPU µs per reading of every thread, librdkafka's included."""
     _, _, _, delivery, overrides = next(p for p in PLAN if p[0] == key)
     group = ctx.kafka.group(f"prof-{key}")
     w = B.start_worker(ctx, f"prof-{key}", ctx.topic, group, delivery, overrides=overrides)
     B.wait_ready([w])
+    committed = B.Committed(ctx.kafka.bootstrap, group, ctx.topic, B.PARTITIONS)
     out = ctx.run_dir / f"profile-{key}.txt"
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     folded = out.with_suffix(".folded")
     cmd = [spy, "record", "--pid", str(w.proc.pid), "--duration", str(int(seconds)),
            "--format", "raw", "--output", str(folded), "--nonblocking"]  # fmt: skip
+    n0, t0 = committed.total(), thread_cpu(w.proc.pid)
     subprocess.run(cmd, check=True, capture_output=True)
+    n1, t1 = committed.total(), thread_cpu(w.proc.pid)
+    committed.close()
     B.stop(w.proc)
-    out.write_text(flat_profile(out.with_suffix(".folded")))
+    n = max(1, n1 - n0)
+    per = {k: (t1.get(k, 0.0) - t0.get(k, 0.0)) / n * 1e6 for k in t1}
+    lines = [f"CPU µs per reading by thread over {n:,} readings (total {sum(per.values()):.2f}):"]
+    lines += [
+        f"  {v:6.2f}  {k}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.005
+    ]
+    out.write_text("\n".join(lines) + "\n\n" + flat_profile(folded))
     return out
 
 

@@ -213,6 +213,9 @@ def producer_config(cfg: WorkerConfig, instance_id: str = "") -> dict[str, Any]:
         **_common_config(k, client_id(cfg, iid)),
         "acks": "all",
         "enable.idempotence": True,
+        # kafka-python's (and Java's) partitioner: an event keyed by device goes to the same
+        # output partition whichever client the worker runs on.
+        "partitioner": "murmur2_random",
         "linger.ms": k.linger_ms,
         "compression.type": k.compression_type,
         "request.timeout.ms": _clamp(k.request_timeout_ms, _MAX_REQUEST_TIMEOUT_MS),
