@@ -83,30 +83,34 @@ def gather_windows(
     rows_of: dict[str, list[int]] = {}
     for i, dev in enumerate(device_ids):
         rows_of.setdefault(dev, []).append(i)
-    parts: list[F32] = []
+    # One float gather at the end: per device only small index arrays are built, into
+    # `pool` = the batch rows followed by every device's usable history rows.
+    pool_parts: list[F32] = [a]
+    offset = n
+    win_idx: list[npt.NDArray[np.intp]] = []
     ends: list[npt.NDArray[np.intp]] = []
+    tails: dict[str, npt.NDArray[np.intp]] = {}
     for dev, rows in rows_of.items():
-        prev = history.get(dev)
         idx = np.asarray(rows, dtype=np.intp)
-        if prev is None or len(prev) == 0:
-            series = a[idx]
-            k = 0
-        else:
-            p = np.asarray(prev, dtype=np.float32)[-keep:]
-            if p.ndim != 2 or p.shape[1] != d:
-                p = np.empty((0, d), dtype=np.float32)  # another model's history: restart
-            series = np.concatenate([p, a[idx]])
-            k = len(p)
-        win = sliding_windows(series, w)
-        if len(win):
-            # Window j ends at series row j + w - 1, i.e. batch row idx[j + w - 1 - k].
-            first = w - 1 - k  # index into idx of the first reading with a full window
-            parts.append(win)
-            ends.append(idx[first:])
-        new_hist[dev] = series[-keep:].copy()
-    if not parts:
+        prev = history.get(dev)
+        k = 0
+        if prev is not None and len(prev):
+            p = np.asarray(prev, dtype=np.float32)
+            if p.ndim == 2 and p.shape[1] == d:  # else another model's history: restart
+                p = p[-keep:]
+                k = len(p)
+                pool_parts.append(p)
+                idx = np.concatenate([np.arange(offset, offset + k, dtype=np.intp), idx])
+                offset += k
+        if len(idx) >= w:
+            win_idx.append(np.lib.stride_tricks.sliding_window_view(idx, w))
+            ends.append(idx[w - 1 :])
+        tails[dev] = idx[-keep:]
+    pool = np.concatenate(pool_parts) if len(pool_parts) > 1 else a
+    new_hist.update({dev: pool[t] for dev, t in tails.items()})
+    if not win_idx:
         return WindowBatch(np.empty((0, w, d), dtype=np.float32), np.empty(0, np.intp), new_hist)
-    windows = np.concatenate(parts)
     rows_arr = np.concatenate(ends)
     order = np.argsort(rows_arr, kind="stable")
-    return WindowBatch(np.ascontiguousarray(windows[order]), rows_arr[order], new_hist)
+    windows = pool[np.concatenate(win_idx)[order]]
+    return WindowBatch(windows, rows_arr[order], new_hist)
