@@ -162,14 +162,14 @@ def test_evicted_member_gets_on_lost_and_no_group_metadata(broker: Broker) -> No
     """A member that stops polling past max.poll.interval.ms is evicted: the loop must see
     on_partitions_lost (never a revoke that commits) and membership() None afterwards."""
     topic = broker.new_topic("cfl", 1)
-    cfg = _cfg(broker, topic, broker.new_group(), max_poll_interval_ms=2000)
+    cfg = _cfg(broker, topic, broker.new_group(), max_poll_interval_ms=6000)
     c = C.build_consumer(cfg, "z")
     rec = _Recorder(c)
     c.subscribe([topic], listener=rec)
     try:
         _joined(c, rec)
         assert C.membership(c) is not None
-        time.sleep(5)  # stalled: librdkafka leaves the group after max.poll.interval.ms
+        time.sleep(8)  # stalled: librdkafka leaves the group after max.poll.interval.ms
         deadline = time.monotonic() + 20
         while not any(k in ("lost", "revoked") for k, _, _ in rec.calls):
             assert time.monotonic() < deadline, rec.calls

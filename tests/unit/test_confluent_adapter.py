@@ -50,6 +50,9 @@ def test_every_kafka_setting_reaches_librdkafka() -> None:
     assert c["auto.offset.reset"] == "latest"
     assert (c["session.timeout.ms"], c["heartbeat.interval.ms"]) == (7000, 1500)
     assert c["max.poll.interval.ms"] == 45000
+    short = _cfg(session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=2000)
+    # librdkafka refuses a poll interval below the session timeout; kafka-python accepts it.
+    assert C.consumer_config(short)["max.poll.interval.ms"] == 6000
     assert c["fetch.wait.max.ms"] == 25
     assert c["max.partition.fetch.bytes"] == 2_000_000 and c["fetch.max.bytes"] == 30_000_000
     assert c["socket.timeout.ms"] == 20000  # max(request, session + 5 s), as kafka-python

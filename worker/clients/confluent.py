@@ -195,7 +195,8 @@ def consumer_config(cfg: WorkerConfig, instance_id: str = "") -> dict[str, Any]:
         "isolation.level": "read_committed",
         "session.timeout.ms": k.session_timeout_ms,
         "heartbeat.interval.ms": k.heartbeat_interval_ms,
-        "max.poll.interval.ms": k.max_poll_interval_ms,
+        # librdkafka refuses a poll interval below the session timeout (kafka-python does not).
+        "max.poll.interval.ms": max(k.max_poll_interval_ms, k.session_timeout_ms),
         "fetch.wait.max.ms": k.fetch_max_wait_ms,
         "max.partition.fetch.bytes": k.max_partition_fetch_bytes,
         "fetch.max.bytes": k.fetch_max_bytes,
