@@ -442,6 +442,41 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 # ----------------------------------------------------------------------------- SKAB
 
 
+def skab_linear_scores(skab: Path) -> dict[str, dict[str, Any]]:
+    """Per-point scores of a PCA (linear autoencoder) detector per experiment: seconds, not minutes.
+
+    Same protocol as ``skab_eval.py`` (fit on rows [0, 400), score the rest), same Detector
+    class and threshold rule (mean + 2·std of held-out normal error: the last 100 of the 400
+    rows); the model is ``tests/support/detectors.linear_detector`` (code size 3, like the
+    trainer's SKAB config), not the trainer's Keras autoencoder.
+    """
+    sys.path.insert(0, str(REPO / "scripts"))
+    import skab_eval
+
+    from tests.support.detectors import linear_detector
+
+    results: dict[str, dict[str, Any]] = {}
+    for exp in skab_eval.EXPERIMENTS:
+        stamps, x, y = skab_eval.load_experiment(skab / "data" / exp)
+        train_x = x[: skab_eval.TRAIN_ROWS]
+        keep = train_x.std(axis=0) > 0  # constant columns: dropped, as the trainer does
+        det = linear_detector(train_x[:, keep], [f"f{i}" for i in range(int(keep.sum()))], code=3)
+        score = det.score(x[skab_eval.TRAIN_ROWS :, keep]).score
+        ts = np.array(
+            [
+                int(datetime.fromisoformat(t).timestamp() * 1000)
+                for t in stamps[skab_eval.TRAIN_ROWS :]
+            ],
+            dtype=np.int64,
+        )
+        results[exp] = {
+            "ratio": score / det.threshold.value,
+            "labels": y[skab_eval.TRAIN_ROWS :].astype(np.int8),
+            "ts_ms": ts,
+        }
+    return results
+
+
 def skab_scores(skab: Path, out: Path, jobs: int) -> dict[str, dict[str, Any]]:
     """Per-point scores (÷ the k = 2 threshold) and labels of the 34 SKAB test parts (cached)."""
     cache = out / "skab-scores.npz"
@@ -608,6 +643,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skab", type=Path, default=REPO.parent / "shared" / "data" / "skab")
     p.add_argument("--no-skab", action="store_true")
     p.add_argument("--jobs", type=int, default=1, help="SKAB training processes")
+    p.add_argument(
+        "--skab-detector",
+        choices=("trainer", "linear"),
+        default="trainer",
+        help="SKAB per-point scores: the trainer's autoencoder (34 trainings, minutes) or a "
+        "PCA detector (seconds)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -700,8 +742,22 @@ def main(argv: list[str] | None = None) -> int:
 
     skab_rows: list[dict[str, Any]] = []
     if not args.no_skab and (args.skab / "data").is_dir():
-        data = skab_scores(args.skab, args.out, args.jobs)
-        print("\nSKAB (34 experiments, threshold mean + 2·std, one incident tracker per file):")
+        if args.skab_detector == "linear":
+            data = skab_linear_scores(args.skab)
+        else:
+            data = skab_scores(args.skab, args.out, args.jobs)
+        print(
+            f"\nSKAB ({args.skab_detector} detector per experiment, threshold mean + 2·std, "
+            "one incident tracker per file):"
+        )
+        pts = np.concatenate([d["ratio"] > 1 for d in data.values()])
+        lab = np.concatenate([d["labels"] for d in data.values()])
+        tp, fp = int((pts & (lab == 1)).sum()), int((pts & (lab == 0)).sum())
+        fn, tn = int((~pts & (lab == 1)).sum()), int((~pts & (lab == 0)).sum())
+        print(
+            f"per point: F1 {tp / (tp + (fn + fp) / 2):.2f}, FAR {100 * fp / (fp + tn):.2f} %, "
+            f"MAR {100 * fn / (fn + tp):.2f} % (pooled as skab_eval.py does)"
+        )
         print(
             "| config | segments detected | incidents | false incidents (per hour) "
             "| delay p50 / p95 s |"
