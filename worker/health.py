@@ -11,9 +11,10 @@ scoring from 2,993 to 245 readings/s). So it is one thread with a selector, and 
 - at most ``max_connections`` (256) open connections; more wait in the kernel's listen
   backlog (``backlog``) until one closes, so every request is answered, later;
 - at most ``max_requests_per_s`` (50) responses per second (token bucket, burst
-  ``max_requests_per_s / 10``); requests beyond it wait their turn, ``/healthz`` and
-  ``/readyz`` before ``/metrics`` (so probes are answered within a token's time even
-  under a scrape flood), each kind in arrival order. A response costs 60-260 µs of CPU
+  ``max_requests_per_s / 10``); requests beyond it wait their turn. ``/healthz`` and
+  ``/readyz`` queue apart from the rest and the two queues take turns, so a probe is
+  answered within two tokens' time under a scrape flood (and probes cannot starve
+  scrapes); each queue is served in arrival order. A response costs 60-260 µs of CPU
   (measured on a loaded 2-core machine, most of it the kernel's loopback send and close),
   so a flood costs the loop at most about 1 % of a core; a real deployment needs a
   handful per second (Prometheus and probes every few seconds);
@@ -236,7 +237,8 @@ class HealthServer:
         self._accepting = True
         self._conns: dict[socket.socket, _Conn] = {}
         self._queue: deque[_Conn] = deque()
-        self._probes: deque[_Conn] = deque()  # /healthz and /readyz, answered first
+        self._probes: deque[_Conn] = deque()  # /healthz and /readyz: their own turns
+        self._probe_turn = False
         self._stopping = False
         self._next_sweep = 0.0
         self._thread = threading.Thread(target=self._serve, name="health-http", daemon=True)
@@ -355,7 +357,7 @@ class HealthServer:
         c.deadline = math.inf  # waiting in the queue is our delay, not the client's fault
         method, target = c.request[0], c.request[1]
         probe = method in ("GET", "HEAD") and target.split("?", 1)[0] in _PROBES
-        # Probes first: a scrape flood must not make an orchestrator restart the worker.
+        # Probes queue apart: a scrape flood must not make an orchestrator restart us.
         (self._probes if probe else self._queue).append(c)
 
     def _respond_queued(self) -> None:
@@ -363,7 +365,14 @@ class HealthServer:
         self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
         while (self._probes or self._queue) and self._tokens >= 1.0:
-            c = (self._probes or self._queue).popleft()
+            # Probes and the rest take turns when both wait: neither can starve the other.
+            self._probe_turn = not self._probe_turn
+            q = (
+                self._probes
+                if (self._probe_turn and self._probes) or not self._queue
+                else self._queue
+            )
+            c = q.popleft()
             if c.sock.fileno() < 0:  # closed (by stop) while queued
                 continue
             self._tokens -= 1.0

@@ -179,7 +179,7 @@ def test_probes_are_answered_before_a_scrape_flood(registry: CollectorRegistry) 
                 time.sleep(0.01)
             assert len(srv._queue) >= 30  # the flood is waiting for its turn
             assert _request(srv, "GET", "/healthz")[0] == 200
-            assert srv.requests_served < 30  # the probe jumped the queue
+            assert srv.requests_served < 30  # the probe did not wait for the flood
             assert [f.result()[0] for f in flood] == [200] * 40
     finally:
         srv.stop()
