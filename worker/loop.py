@@ -924,7 +924,7 @@ class Worker:
             changes: list[Any] = []
             self._send_produced(self.stage.changelog(), changes)
             self._wait_acknowledged(changes)
-        await self.consumer.commit_async(offsets=unc.offsets())
+        await self.client.commit_in_listener(self.consumer, unc.offsets(), t)
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.consumer is not None

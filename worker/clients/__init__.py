@@ -39,6 +39,10 @@ class ClientAdapter(Protocol):
 
     def is_stable_member(self, consumer: Any) -> bool: ...
 
+    async def commit_in_listener(self, consumer: Any, offsets: Any, timeout_s: float) -> None:
+        """Commit offsets from inside the rebalance listener, bounded by ``timeout_s``."""
+        ...
+
     def send_offsets_to_transaction(
         self, producer: Any, offsets: Any, group_metadata: Any, timeout_s: float
     ) -> None: ...

@@ -125,6 +125,27 @@ def send_offsets_to_transaction(
     _wait(result, timeout_s, "adding offsets to the transaction")
 
 
+async def commit_in_listener(consumer: KafkaConsumer, offsets: Any, timeout_s: float) -> None:
+    """Commit offsets from inside a rebalance listener, waiting at most ``timeout_s``.
+
+    kafka-python runs listeners on its I/O thread, where the blocking ``commit()`` is
+    refused; awaiting ``commit_async``'s future directly was seen to never return during a
+    join (the worker then held the whole group's rebalance). This polls the future with the
+    I/O loop's own sleep, so the loop keeps running, and gives up after ``timeout_s``.
+    """
+    fut = consumer.commit_async(offsets=offsets)
+    net = consumer._coordinator._manager._net
+    deadline = time.monotonic() + timeout_s
+    while not fut.is_done:
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(
+                f"offset commit in the rebalance listener took over {timeout_s:.0f}s"
+            )
+        await net.sleep(0.02)
+    if fut.exception is not None:
+        raise fut.exception
+
+
 def membership(consumer: KafkaConsumer) -> Any | None:
     """The consumer's group metadata, or None when it holds no valid generation.
 
