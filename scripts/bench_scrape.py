@@ -2,6 +2,7 @@
 200 concurrent clients hammering ``/metrics``, ``/healthz`` and ``/readyz``.
 
     python scripts/bench_scrape.py [--rounds 3] [--clients 200] [--per-device 300]
+    python scripts/bench_scrape.py --server-cost [--clients 200] [--seconds 10]
 
 Each round runs two saturation runs on the same pre-filled 4-partition topic (fresh
 consumer group each, order alternating between rounds so machine load drifts cancel):
@@ -14,6 +15,11 @@ Worker readings/s come from the group's committed offsets over 10-90 % of the to
 with 200; the script prints a Markdown table (for docs/benchmarks.md) and writes
 ``bench-out/scrape.json``. The model is the linear autoencoder of the worker tests (a real
 artifact written through the Registry), so no TensorFlow is needed.
+
+``--server-cost`` needs no broker: it runs the endpoint with its default limits in this
+process (the worker's metrics registry, a ready state), floods it with the clients for
+``--seconds`` and prints the CPU time of the server's own thread as a share of a core: what
+the endpoint can take from the scoring loop, whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -178,6 +184,47 @@ def one_run(ctx: bench.Ctx, label: str, clients: int) -> dict[str, Any]:
     return res
 
 
+def server_cost(clients: int, seconds: float) -> int:
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from worker.health import HealthServer, HealthState
+    from worker.metrics import WorkerMetrics
+
+    reg = CollectorRegistry()
+    WorkerMetrics.create(reg)
+    state = HealthState()
+    state.update(model_version="v0001", assigned_partitions=4, broker_ok=True)
+    srv = HealthServer("127.0.0.1", 0, reg, state)
+    cpu: dict[str, float] = {}
+    serve = srv._serve
+
+    def timed_serve() -> None:
+        t0 = time.thread_time()
+        serve()
+        cpu["s"] = time.thread_time() - t0
+
+    srv._thread = threading.Thread(target=timed_serve, daemon=True)
+    srv.start()
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [sys.executable, __file__, "--clients-only", str(srv.address[1])]
+    cmd += ["--clients", str(clients), "--seconds", str(seconds), "--out", str(out)]
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True)
+    wall = time.monotonic() - t0
+    srv.stop()
+    c = json.loads(out.read_text())
+    out.unlink()
+    print(
+        f"{clients} clients for {seconds:.0f} s: {srv.requests_served} responses "
+        f"({c['ok']} 200, {c['failed']} other), p50 {c['p50_s']:.2f} s, p99 {c['p99_s']:.2f} s; "
+        f"server thread CPU {cpu['s']:.3f} s = {cpu['s'] / seconds:.2%} of a core during the "
+        f"flood ({cpu['s'] / wall:.2%} over the {wall:.1f} s with client start and stop)"
+    )
+    return 0 if c["failed"] == 0 else 1
+
+
 def _table(rows: list[dict[str, Any]], clients: int) -> str:
     quiet = [r for r in rows if "clients" not in r]
     scraped = [r for r in rows if "clients" in r]
@@ -211,12 +258,15 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--per-device", type=int, default=300, help="readings per device (200)")
     p.add_argument("--clients-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    p.add_argument("--seconds", type=float, default=600, help=argparse.SUPPRESS)
+    p.add_argument("--server-cost", action="store_true", help="endpoint CPU alone, no broker")
+    p.add_argument("--seconds", type=float, default=0, help="--server-cost flood duration")
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.clients_only:
-        clients_main(a.clients_only, a.clients, a.seconds, a.out)
+        clients_main(a.clients_only, a.clients, a.seconds or 600, a.out)
         return 0
+    if a.server_cost:
+        return server_cost(a.clients, a.seconds or 10)
     return run(a)
 
 
