@@ -6,7 +6,7 @@ prints one line per run and writes the table as Markdown and JSON (``--out``, de
 .cache/chaos/results.{md,json}); ``--write-docs`` also replaces the generated table in
 docs/reliability.md. The broker is stopped (by its PID) at the end.
 
-Profiles: ``ci`` = the CI mix and the missing output topic, 40k readings; ``full`` = every
+Profiles: ``ci`` = the CI mix and the missing output topic, 30k readings; ``full`` = every
 scenario of issue 9, 60k readings. ``--scenarios``, ``--modes``, ``--readings`` and ``--rate``
 override the profile. ``--worker-ref REF`` runs the workers (and the oracle) from ``git
 archive REF`` instead of the working tree, so a result names one commit.
@@ -40,7 +40,7 @@ class Profile:
 
 
 PROFILES = {
-    "ci": Profile(("ci", "output_missing"), 40_000, 3000.0),
+    "ci": Profile(("ci", "output_missing"), 30_000, 3000.0),
     "full": Profile((), 60_000, 2000.0),
 }
 BEGIN, END = "<!-- chaos:table:begin -->", "<!-- chaos:table:end -->"

@@ -36,7 +36,9 @@ class Exit:
         if self.cause == "SIGKILL":
             return False
         if self.cause == "SIGTERM":
-            return self.rc != 0
+            # -15: the signal's default action, i.e. it came before the worker installed its
+            # handler (still importing); nothing was held, so that is a clean stop too.
+            return self.rc not in (0, -signal.SIGTERM)
         return self.rc != 3
 
 
