@@ -407,19 +407,19 @@ def sweep_settings(default: IncidentSettings) -> list[tuple[str, IncidentSetting
     plain = replace(d, open_ratio=0.0, min_peak_ratio=1.0, min_mean_ratio=1.0)
     out = [("default", d)]
     for n, k in ((1, 1), (3, 2), (5, 3), (10, 3), (10, 5)):
-        out.append((f"{k} of {n} only", replace(plain, window=n, min_anomalous=k)))
+        out.append((f"{k} in {n} s only", replace(plain, window_s=float(n), min_anomalous=k)))
     for p in (3.0, 5.0, 8.0):
-        out.append((f"3 of 10, peak >= {p:g}", replace(plain, min_peak_ratio=p)))
+        out.append((f"3 in 10 s, peak >= {p:g}", replace(plain, min_peak_ratio=p)))
     for m in (2.0, 3.0, 4.0, 5.0):
-        out.append((f"3 of 10, mean >= {m:g}", replace(plain, min_mean_ratio=m)))
+        out.append((f"3 in 10 s, mean >= {m:g}", replace(plain, min_mean_ratio=m)))
     for r in (5.0, 8.0, 10.0, 15.0):
         # k-of-n off (no stretch reaches a peak of 1e9): single readings only.
         out.append((f"one reading >= {r:g} only", replace(plain, min_peak_ratio=1e9, open_ratio=r)))
     for k, n, m, r in ((3, 10, 3.0, 10.0), (3, 10, 4.0, 10.0), (5, 10, 3.0, 10.0)):
         out.append(
             (
-                f"{k} of {n} mean >= {m:g}, or one >= {r:g}",
-                replace(plain, window=n, min_anomalous=k, min_mean_ratio=m, open_ratio=r),
+                f"{k} in {n} s mean >= {m:g}, or one >= {r:g}",
+                replace(plain, window_s=float(n), min_anomalous=k, min_mean_ratio=m, open_ratio=r),
             )
         )
     out.append(("default + min_duration 3 s", replace(d, min_duration_s=3.0)))

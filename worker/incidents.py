@@ -8,8 +8,8 @@ Rules, per device (``IncidentSettings`` names in brackets):
 
 * A reading is *anomalous* when ``score > threshold × multiplier(device group)``
   [``threshold_multipliers``]; its ``score_ratio`` is ``score / (threshold × multiplier)``.
-* The last ``window`` readings are kept as a bit window. An incident **opens** at an anomalous
-  reading when at least ``min_anomalous`` of them are anomalous, the anomalous stretch has
+* An incident **opens** at an anomalous reading when at least ``min_anomalous`` anomalous
+  readings fall within the last ``window_s`` of event time, the anomalous stretch has
   lasted ``min_duration_s`` of event time, its readings' mean ratio is at least
   ``min_mean_ratio`` and its peak at least ``min_peak_ratio`` — or at once when a single
   reading's ratio reaches ``open_ratio`` (0 = off). At the card's k = 2 about 4 % of normal
@@ -32,9 +32,11 @@ Replays are idempotent: the tracker remembers, per input partition, the highest 
 applied (stored under :data:`APPLIED_KEY` beside the device states) and skips rows at or below
 it, so re-delivered records after a restore never count twice.
 
-A device's state exists only while something is going on (bits in the window, an open
-incident, a cooldown): a quiet device costs nothing, and a quiet normal reading changes
-nothing, so it writes nothing to the changelog.
+Only anomalous readings and the readings of devices with an open incident are looked at one
+by one; any other normal reading changes nothing (the window is event time: nothing shifts),
+so it costs nothing and writes nothing to the changelog. A device's state exists while
+something is going on (recent anomalous readings, an open incident, a cooldown);
+:meth:`IncidentTracker.expire` deletes states that no longer matter.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class StateDecodeError(ValueError):
 class IncidentSettings:
     """The ``incidents:`` config section. Durations in seconds of event time.
 
-    Ranges (checked by :meth:`validate`): ``1 <= min_anomalous <= window <= 64``,
+    Ranges (checked by :meth:`validate`): ``1 <= min_anomalous <= 64``,
+    ``0 < window_s <= 86400``,
     ``resolve_normal_readings >= 1``, every duration ``>= 0``, ``critical_ratio >= 1``,
     ``min_peak_ratio``/``min_mean_ratio >= 1``,
     ``open_ratio`` 0 or ``>= 1``, multipliers ``> 0``.
@@ -85,8 +88,8 @@ class IncidentSettings:
 
     enabled: bool = False
     topic: str = "sensor-incidents"
-    # Opening: k of the last n readings anomalous (k = min_anomalous, n = window) ...
-    window: int = 10
+    # Opening: k anomalous readings within window_s of event time (k = min_anomalous) ...
+    window_s: float = 10.0
     min_anomalous: int = 3
     # ... for at least this long (0 = no duration condition), with at least one reading this
     # far past the threshold (1 = any anomalous reading) ...
@@ -110,12 +113,13 @@ class IncidentSettings:
 
     def validate(self) -> None:
         """Raise :class:`IncidentConfigError` (one line, names the key) on a bad value."""
-        if not 1 <= self.window <= 64:
-            raise IncidentConfigError(f"incidents.window: {self.window} is out of range [1, 64]")
-        if not 1 <= self.min_anomalous <= self.window:
+        if not 0 < self.window_s <= 86400:
             raise IncidentConfigError(
-                f"incidents.min_anomalous: {self.min_anomalous} must be in [1, window="
-                f"{self.window}]"
+                f"incidents.window_s: {self.window_s} is out of range (0, 86400] seconds"
+            )
+        if not 1 <= self.min_anomalous <= 64:
+            raise IncidentConfigError(
+                f"incidents.min_anomalous: {self.min_anomalous} is out of range [1, 64]"
             )
         if self.resolve_normal_readings < 1:
             raise IncidentConfigError("incidents.resolve_normal_readings: must be >= 1")
@@ -204,8 +208,9 @@ class SensorPeak(msgspec.Struct, frozen=True, array_like=True):
 class Incident(msgspec.Struct, frozen=True, array_like=True):
     """An open incident, or a candidate (``id == ""``) while the window fills.
 
-    Times are event time, epoch ms. ``readings`` counts every reading of the device since
-    ``started_ms``; ``anomalous`` the anomalous ones among them.
+    Times are event time, epoch ms. ``anomalous`` counts the stretch's anomalous readings;
+    ``readings`` counts them plus every normal reading from the open on (normal readings
+    before the open are not looked at, see the module docstring).
     """
 
     id: str
@@ -233,12 +238,12 @@ class Incident(msgspec.Struct, frozen=True, array_like=True):
 class DeviceState(msgspec.Struct, frozen=True, array_like=True):
     """Everything the rules remember about one device (see module docstring).
 
-    ``window`` holds the last ``IncidentSettings.window`` readings as bits, newest in bit 0
-    (1 = anomalous); ``consecutive_normal`` counts normal readings since the last anomalous
-    one; ``cooldown_until_ms`` is event time.
+    ``recent`` holds the event times of the last ``min_anomalous`` anomalous readings
+    (oldest first); ``consecutive_normal`` counts normal readings of an open incident since
+    its last anomalous one; ``cooldown_until_ms`` is event time.
     """
 
-    window: int = 0
+    recent: tuple[int, ...] = ()
     consecutive_normal: int = 0
     cooldown_until_ms: int = 0
     last_ts_ms: int = 0
@@ -405,7 +410,7 @@ class IncidentTracker:
         self._model_name = model_name
         self._threshold = 0.0
         s = settings
-        self._mask = (1 << s.window) - 1
+        self._window_ms = round(s.window_s * 1000)
         self._min_dur_ms = round(s.min_duration_s * 1000)
         self._quiet_ms = round(s.resolve_quiet_s * 1000)
         self._cool_ms = round(s.cooldown_s * 1000)
@@ -511,66 +516,39 @@ class IncidentTracker:
         if fresh is not None:
             anomalous &= fresh
         devices = batch.device_ids
-        states = self._states
-        # Per-row work only for devices with an anomalous row in this batch or an open
-        # incident; other devices with state (window bits, a candidate, a cooldown) only
-        # shift their window: one step per device, not per row. Quiet devices cost nothing.
+        # Per-row work only at anomalous readings and at readings of devices with an open
+        # incident (they count towards its resolve). Any other normal reading changes
+        # nothing: the window is event time, so nothing needs shifting.
         slow = {devices[j] for j in np.flatnonzero(anomalous).tolist()}
         slow.update(self._open)
+        if not slow:
+            return out
         if fresh is None:
             kept: Sequence[str] = devices
             index: Sequence[int] = range(n)
         else:
             index = np.flatnonzero(fresh).tolist()
             kept = [devices[j] for j in index]
-        if states:
-            counts = Counter(kept)
-            last = dict(zip(kept, index, strict=True))
-            for d, count in counts.items():
-                st = states.get(d)
-                if st is None or d in slow:
-                    continue
-                j = last[d]
-                ts_j = int(batch.ts_ms[j])
-                window = (st.window << count) & self._mask
-                inc = st.incident  # None or a candidate: open incidents are slow
-                if inc is not None:
-                    inc = (
-                        None
-                        if window == 0
-                        else msgspec.structs.replace(
-                            inc,
-                            readings=inc.readings + count,
-                            last_ts_ms=ts_j,
-                            last_offset=int(batch.offsets[j]),
-                        )
-                    )
-                new = msgspec.structs.replace(
-                    st,
-                    window=window,
-                    consecutive_normal=st.consecutive_normal + count,
-                    last_ts_ms=max(st.last_ts_ms, ts_j),
-                    incident=inc,
-                )
-                self._put(out, d, int(batch.partitions[j]), new)
-        if not slow:
-            return out
         ratio_l = ratio.tolist()
         anom_l = anomalous.tolist()
+        is_open = self._open.__contains__
         for j in compress(index, map(slow.__contains__, kept)):
-            self._row(
-                out,
-                batch,
-                j,
-                devices[j],
-                bool(anom_l[j]),
-                float(ratio_l[j]),
-                float(mult[j]) if mult is not None else 1.0,
-            )
+            d = devices[j]
+            if anom_l[j] or is_open(d):
+                self._row(
+                    out,
+                    batch,
+                    j,
+                    d,
+                    bool(anom_l[j]),
+                    float(ratio_l[j]),
+                    float(mult[j]) if mult is not None else 1.0,
+                )
         return out
 
     def expire(self, watermark_ms: int, partition: int | None = None) -> IncidentOutput:
-        """Resolve open incidents quiet for ``resolve_quiet_s`` before ``watermark_ms``.
+        """Resolve open incidents quiet for ``resolve_quiet_s`` before ``watermark_ms``;
+        delete states that no longer matter (window and cooldown over).
 
         For devices that stop reporting: call it with a partition's event-time watermark
         (e.g. the largest reading time seen in it). ``resolved_at`` is last anomalous +
@@ -583,6 +561,8 @@ class IncidentTracker:
                 continue
             inc = st.incident
             if inc is None or inc.id == "":
+                if self._stale(st, watermark_ms):
+                    self._put(out, d, p, None)  # nothing left that could matter
                 continue
             due = inc.last_anomalous_ms + self._quiet_ms
             if due <= watermark_ms:
@@ -620,11 +600,18 @@ class IncidentTracker:
                 out.changed.setdefault(p, {})[APPLIED_KEY] = new_marks
         return keep
 
+    def _stale(self, st: DeviceState, now_ms: int) -> bool:
+        """True if ``st`` (no open incident) acts like no state at all from ``now_ms`` on."""
+        last = st.recent[-1] if st.recent else None
+        return (last is None or now_ms - last >= self._window_ms) and (
+            st.cooldown_until_ms <= now_ms
+        )
+
     def _put(self, out: IncidentOutput, d: str, p: int, st: DeviceState | None) -> None:
         if (
             st is not None
-            and st.window == 0
             and st.incident is None
+            and not st.recent
             and (st.cooldown_until_ms <= st.last_ts_ms)
         ):
             st = None  # nothing going on: a quiet device keeps no state
@@ -665,27 +652,24 @@ class IncidentTracker:
                 out, d, p, st, inc, inc.last_anomalous_ms + self._quiet_ms, "quiet", ts, b, mult
             )
             inc = None
-        window = ((st.window << 1) | int(is_anom)) & self._mask
         if not is_anom:
+            if inc is None or not inc.id:
+                return  # only an open incident counts normal readings
             normal = st.consecutive_normal + 1
-            if inc is not None:
-                inc = msgspec.structs.replace(
-                    inc, readings=inc.readings + 1, last_ts_ms=ts, last_offset=off
-                )
-                if inc.id and normal >= s.resolve_normal_readings:
-                    st = msgspec.structs.replace(
-                        st, window=window, consecutive_normal=normal, last_ts_ms=ts, incident=inc
-                    )
-                    self._resolve(out, d, p, st, inc, ts, "normal_readings", ts, b, mult)
-                    return
-                if not inc.id and window == 0:
-                    inc = None  # the candidate's anomalous readings left the window
-            st = msgspec.structs.replace(
-                st, window=window, consecutive_normal=normal, last_ts_ms=ts, incident=inc
+            inc = msgspec.structs.replace(
+                inc, readings=inc.readings + 1, last_ts_ms=ts, last_offset=off
             )
-            self._put(out, d, p, st)
+            st = msgspec.structs.replace(st, consecutive_normal=normal, last_ts_ms=ts, incident=inc)
+            if normal >= s.resolve_normal_readings:
+                self._resolve(out, d, p, st, inc, ts, "normal_readings", ts, b, mult)
+            else:
+                self._put(out, d, p, st)
             return
-        # An anomalous reading.
+        # An anomalous reading. A candidate whose last anomalous reading left the window is
+        # over: this reading starts a new stretch.
+        if inc is not None and not inc.id and ts - inc.last_anomalous_ms >= self._window_ms:
+            inc = None
+        recent = (*st.recent, ts)[-s.min_anomalous :]
         contribs = b.contributors.get(j, ())
         if inc is None:
             inc = Incident(
@@ -727,7 +711,7 @@ class IncidentTracker:
             )
         event: EventState | None = None
         if not inc.id:
-            k_ok = window.bit_count() >= s.min_anomalous
+            k_ok = len(recent) == s.min_anomalous and ts - recent[0] < self._window_ms
             # Duration and magnitude of the stretch: a cluster of readings just past the
             # threshold is normal for a k = 2 threshold; a sustained departure is not.
             dur_ok = (
@@ -766,7 +750,7 @@ class IncidentTracker:
                 )
             )
         st = msgspec.structs.replace(
-            st, window=window, consecutive_normal=0, last_ts_ms=ts, incident=inc
+            st, recent=recent, consecutive_normal=0, last_ts_ms=ts, incident=inc
         )
         self._put(out, d, p, st)
 
@@ -799,7 +783,7 @@ class IncidentTracker:
             )
         )
         new = DeviceState(
-            window=0,
+            recent=(),
             consecutive_normal=0,
             cooldown_until_ms=resolved_ms + self._cool_ms,
             last_ts_ms=max(st.last_ts_ms, last_ts),

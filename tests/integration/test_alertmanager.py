@@ -192,7 +192,9 @@ def events(
     return tracker.process(b).events
 
 
-SETTINGS = IncidentSettings(window=3, min_anomalous=2, resolve_normal_readings=2, open_ratio=0)
+SETTINGS = IncidentSettings(
+    window_s=3.0, min_anomalous=2, resolve_normal_readings=2, open_ratio=0, min_mean_ratio=1.0
+)
 
 
 def test_alertmanager_groups_by_device_and_delivers_resolve(
@@ -231,7 +233,7 @@ def test_alertmanager_groups_by_device_and_delivers_resolve(
             )
             assert len(alert["annotations"]["incident_id"]) == 32
         # Escalation changes the severity label: the warning alert ends, a critical one fires.
-        for ev in events(tr, "pump-002", [5], 2):
+        for ev in events(tr, "pump-002", [12], 2):
             client.submit(ev)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -47,7 +47,7 @@ def _consumer(bootstrap: str) -> Any:
 def _states(devices: list[str], partition: int) -> dict[str, bytes]:
     """Realistic states: half the devices in an open incident naming 5 sensors, half with a
     candidate (one anomalous reading in the window)."""
-    tr = IncidentTracker(IncidentSettings(open_ratio=0.0, min_anomalous=3))
+    tr = IncidentTracker(IncidentSettings(open_ratio=0.0, min_anomalous=3, min_mean_ratio=1.0))
     n = len(devices)
     out: dict[str, bytes] = {}
     five = [Contributor(f"sensor_{k:02d}", 0.3 - 0.05 * k, 41.25 + k, 40.5) for k in range(5)]

@@ -36,7 +36,7 @@ from worker.records import SimpleRecord
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_764_201_600_000
 BASE = IncidentSettings(
-    window=5,
+    window_s=5.0,
     min_anomalous=3,
     open_ratio=0.0,
     min_mean_ratio=1.0,
@@ -105,7 +105,7 @@ def test_k_of_n_opens_at_the_kth_anomalous_reading_and_isolated_alarms_do_not() 
     inc = ev[0].incident
     assert inc.opened_ms == T0 + 5000  # third anomalous reading within 5
     assert inc.started_ms == T0 + 1000  # first anomalous reading of the stretch
-    assert (inc.anomalous, inc.readings) == (3, 5)
+    assert (inc.anomalous, inc.readings) == (3, 3)  # normal readings count from the open
     assert inc.first_offset == 1 and inc.last_offset == 5
 
 
@@ -247,7 +247,10 @@ def test_quiet_devices_keep_no_state_and_state_bytes_round_trip() -> None:
     out = tr.process(batch(series("pump-1", [0] * 50)))
     assert set(out.changed[0]) == {APPLIED_KEY}  # only the applied offset moved
     out = tr.process(batch(series("pump-1", [2, 0, 0, 0, 0, 0], start_s=50), first_offset=50))
-    assert out.changed[0]["pump-1"] is None  # the alarm left the window: tombstone
+    assert set(out.changed[0]) == {APPLIED_KEY, "pump-1"}  # the alarm: state written once
+    assert tr.expire(T0 + 54_999).changed == {}  # still inside the 5 s window
+    assert tr.expire(T0 + 55_000).changed[0]["pump-1"] is None  # left it: tombstone
+    assert tr.state("pump-1") is None
     tr.process(batch(series("pump-1", [2, 2, 2, 5], start_s=60), first_offset=60))
     st = tr.state("pump-1")
     assert st is not None and st.incident is not None
@@ -278,12 +281,12 @@ def test_top_sensors_keep_the_max_share_and_value_at_it() -> None:
 
 def test_settings_validation_names_the_key() -> None:
     with pytest.raises(IncidentConfigError, match="min_anomalous"):
-        IncidentSettings(window=3, min_anomalous=4).validate()
-    with pytest.raises(IncidentConfigError, match="window"):
-        IncidentSettings(window=65).validate()
+        IncidentSettings(min_anomalous=65).validate()
+    with pytest.raises(IncidentConfigError, match="window_s"):
+        IncidentSettings(window_s=0).validate()
     with pytest.raises(IncidentConfigError, match="unknown"):
         IncidentSettings.from_mapping({"windw": 3})
-    assert IncidentSettings.from_mapping({"window": 4, "min_anomalous": 2}).window == 4
+    assert IncidentSettings.from_mapping({"window_s": 4, "min_anomalous": 2}).window_s == 4
 
 
 def test_events_from_a_real_detector_validate_against_the_schema() -> None:
