@@ -128,6 +128,25 @@ def raw_run(ctx: B.Ctx, key: str, i: int) -> dict[str, Any]:
     return res
 
 
+# --------------------------------------------------------------------------- idle
+
+
+def idle_run(ctx: B.Ctx, key: str, seconds: float) -> float:
+    """Cores one worker of row ``key`` keeps busy on an empty topic (no readings at all)."""
+    _, _, _, delivery, overrides = next(p for p in PLAN if p[0] == key)
+    topic = ctx.kafka.topic(f"idle-{key}", B.PARTITIONS)
+    w = B.start_worker(ctx, f"idle-{key}", topic, ctx.kafka.group(f"idle-{key}"), delivery,
+                       overrides=overrides)  # fmt: skip
+    try:
+        B.wait_ready([w])
+        time.sleep(2.0)  # past start-up
+        c0, t0 = B.cpu_seconds(w.proc.pid), time.monotonic()
+        time.sleep(seconds)
+        return (B.cpu_seconds(w.proc.pid) - c0) / (time.monotonic() - t0)
+    finally:
+        B.stop(w.proc)
+
+
 # --------------------------------------------------------------------------- profile
 
 
@@ -218,6 +237,10 @@ def render(results: dict[str, Any]) -> str:
             f"| {label} | **{c['median']:.1f}** ({c['min']:.1f}-{c['max']:.1f}) | "
             f"{w['median']:,.0f} ({w['min']:,.0f}-{w['max']:,.0f}) |"
         )
+    idle = results.get("idle_cores")
+    if idle:
+        lines += ["", "Idle (empty topic, one worker, cores busy):", ""]
+        lines += [f"- {label}: {idle[k]:.3f}" for k, label, *_ in PLAN if k in idle]
     ratios = results.get("ratios", {})
     if ratios:
         lines += ["", "Ratios (CPU per reading, medians of this run):", ""]
@@ -257,6 +280,55 @@ def registry(ctx: B.Ctx) -> None:
     B.scoring_stage(ctx, with_timing=False)
 
 
+def rounds(
+    ctx: B.Ctx, plan: list[tuple[str, str, str, str, dict[str, Any] | None]], repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``repeats`` interleaved rounds of every row of ``plan``."""
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k, *_ in plan}
+    for i in range(repeats):
+        for key, _label, kind, delivery, overrides in plan:
+            if kind == "worker":
+                r = B.saturation_run(ctx, f"{key}{i}", delivery, 1, overrides)
+            else:
+                r = raw_run(ctx, key, i)
+            runs[key].append(r)
+            B.note(
+                f"round {i + 1}/{repeats} {key}: {r['rate']:,.0f} readings/s, "
+                f"{r['cpu_s_per_reading'] * 1e6:.2f} µs CPU/reading"
+            )
+    return runs
+
+
+def summarise(
+    runs: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Per-row median/min/max and the ratios of the medians (CPU per reading)."""
+    rows: dict[str, dict[str, Any]] = {
+        k: {
+            "cpu_us": B.summary([x["cpu_s_per_reading"] * 1e6 for x in rs]),
+            "rate": B.summary([x["rate"] for x in rs]),
+            "runs": rs,
+        }
+        for k, rs in runs.items()
+    }
+
+    def med(k: str) -> float | None:
+        return float(rows[k]["cpu_us"]["median"]) if k in rows else None
+
+    ratios: dict[str, float] = {}
+    for name, a, b in (
+        ("worker on confluent / worker on kafka-python, at-least-once", "ck_alo", "kp_alo"),
+        ("worker on confluent / worker on kafka-python, exactly-once", "ck_eos", "kp_eos"),
+        ("raw kafka-python / worker on kafka-python, ALO (goal ≥ 0.7)", "raw_kp", "kp_alo"),
+        ("worker on confluent ALO / goal 9.6 µs", "ck_alo", ""),
+        ("worker on confluent EOS / goal 9.6 µs", "ck_eos", ""),
+    ):
+        x, y = med(a), (med(b) if b else GOAL_US)
+        if x is not None and y:
+            ratios[name] = x / y
+    return rows, ratios
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--readings", type=int, default=200_000)
@@ -266,6 +338,7 @@ def main() -> int:
     )
     p.add_argument("--profile", default="", help="py-spy one worker run of this row key instead")
     p.add_argument("--profile-seconds", type=float, default=20.0)
+    p.add_argument("--idle", type=float, default=0.0, help="also: idle CPU, N s per worker row")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--raw-confluent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -303,46 +376,17 @@ def main() -> int:
             out = profile(ctx, args.profile, args.profile_seconds)
             print(out.read_text())
             return 0
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k, *_ in plan}
-        for i in range(args.repeats):
-            for key, _label, kind, delivery, overrides in plan:
+        runs = rounds(ctx, plan, args.repeats)
+        if args.idle:
+            results["idle_cores"] = {}
+            for key, _label, kind, _d, _o in plan:
                 if kind == "worker":
-                    r = B.saturation_run(ctx, f"{key}{i}", delivery, 1, overrides)
-                else:
-                    r = raw_run(ctx, key, i)
-                runs[key].append(r)
-                B.note(
-                    f"round {i + 1}/{args.repeats} {key}: {r['rate']:,.0f} readings/s, "
-                    f"{r['cpu_s_per_reading'] * 1e6:.2f} µs CPU/reading"
-                )
+                    results["idle_cores"][key] = cores = idle_run(ctx, key, args.idle)
+                    B.note(f"idle {key}: {cores:.3f} cores")
     finally:
         B.stop_all()
         ctx.kafka.cleanup()
-    rows: dict[str, dict[str, Any]] = {
-        k: {
-            "cpu_us": B.summary([x["cpu_s_per_reading"] * 1e6 for x in rs]),
-            "rate": B.summary([x["rate"] for x in rs]),
-            "runs": rs,
-        }
-        for k, rs in runs.items()
-    }
-    results["rows"] = rows
-
-    def med(k: str) -> float | None:
-        return float(rows[k]["cpu_us"]["median"]) if k in rows else None
-
-    ratios: dict[str, float] = {}
-    for name, a, b in (
-        ("worker on confluent / worker on kafka-python, at-least-once", "ck_alo", "kp_alo"),
-        ("worker on confluent / worker on kafka-python, exactly-once", "ck_eos", "kp_eos"),
-        ("raw kafka-python / worker on kafka-python, ALO (goal ≥ 0.7)", "raw_kp", "kp_alo"),
-        ("worker on confluent ALO / goal 9.6 µs", "ck_alo", ""),
-        ("worker on confluent EOS / goal 9.6 µs", "ck_eos", ""),
-    ):
-        x, y = med(a), (med(b) if b else GOAL_US)
-        if x is not None and y:
-            ratios[name] = x / y
-    results["ratios"] = ratios
+    results["rows"], results["ratios"] = summarise(runs)
     (B.OUT / "clients.json").write_text(json.dumps(results, indent=2, default=str))
     text = render(results)
     print(text)
