@@ -311,3 +311,16 @@ def test_schema_example_validates() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     for ex in schema["examples"]:
         SCHEMA.validate(ex)
+
+
+def test_restored_open_incidents_can_be_re_announced_without_changing_state() -> None:
+    tr = IncidentTracker(BASE)
+    out = tr.process(batch(series("pump-1", [2, 2, 2]) + series("pump-2", [2], start_s=3)))
+    store = {k: raw for k, v in out.changed[0].items() if (raw := encode_change(v)) is not None}
+    fresh = IncidentTracker(BASE, model_name="m")
+    assert fresh.load_partition(0, store) == 2
+    (ev,) = fresh.open_incident_events(partition=0)
+    assert ev.device_id == "pump-1" and ev.state == "updated" and ev.model_name == "m"
+    SCHEMA.validate(incident_event_doc(ev))
+    assert fresh.state("pump-1") == tr.state("pump-1")
+    assert fresh.open_counts() == {("pump", "warning"): 1}
