@@ -351,11 +351,20 @@ def decode_paths(baselines: list[str], repeats: int, seconds: float) -> dict[str
         for name, dec in variants.items():
             cols[name].append(one(dec.decode))
         cols["msgspec typed parse only"].append(one(lambda b: list(map(typed, b))))
-    say("decode, CPU µs per reading (median of interleaved repeats):")
+    # Paired: each repeat's ratio to the current tree, so load drifts between repeats cancel.
+    ratios = {
+        k: statistics.median(b / a for a, b in zip(cols["current"], v, strict=True))
+        for k, v in cols.items()
+    }
+    say("decode, CPU µs per reading (median of interleaved repeats; paired ratio to current):")
     for k, v in cols.items():
-        say(f"  {k:28s} {statistics.median(v):.2f}  (min {min(v):.2f}, max {max(v):.2f})")
+        say(
+            f"  {k:28s} {statistics.median(v):.2f}  (min {min(v):.2f}, max {max(v):.2f})  "
+            f"x{ratios[k]:.2f}"
+        )
     return {
         "decode_us_per_reading": {k: summary(v) for k, v in cols.items()},
+        "paired_ratio_to_current": ratios,
         "readings": len(values),
         "batch": 1024,
         "msgspec": msgspec.__version__,
