@@ -310,6 +310,7 @@ def summarise(
             "runs": rs,
         }
         for k, rs in runs.items()
+        if rs
     }
 
     def med(k: str) -> float | None:
