@@ -124,9 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.pipeline import stderr_progress, train
 
     cfg = load_config(args.config, args.overrides, registry=args.registry)
-    if cfg.data.entity_column is not None or (
-        cfg.data.path is not None and Path(cfg.data.path).is_dir()
-    ):
+    if cfg.data.entity_column is not None or cfg.data.per_file:
         return _train_entities(cfg, args.quiet)
     result = train(cfg, None if args.quiet else stderr_progress())
     m = result.metrics

@@ -107,8 +107,13 @@ class DataConfig:
     )
     entity_column: str | None = setting(
         None,
-        "one model per distinct value of this column, named <name>-<value>, in one run (data.path "
-        "a folder: one model per file, named <name>-<file stem>); never a feature",
+        "one model per distinct value of this column, named <name>-<value>, in one run; "
+        "never a feature",
+    )
+    per_file: bool = setting(
+        False,
+        "data.path is a folder: one model per CSV/JSONL file in it, named <name>-<file stem>, "
+        "in one run",
     )
     drop_anomalies: bool = setting(
         True, "with label_column: drop rows labelled anomalous before training"
@@ -620,7 +625,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         ) from None
     d = cfg.data
-    if d.path is not None and Path(d.path).is_dir():
+    if d.per_file:
+        if d.path is None or not Path(d.path).is_dir():
+            raise ConfigError(
+                f"data.per_file is true but data.path {d.path!r} is not a folder",
+                "point data.path at the folder of per-entity files",
+            )
         return cfg  # one model per file: each file's config is validated on its own
     fmt = resolve_format(d.format, d.path, "data")
     if fmt == "kafka":

@@ -860,12 +860,12 @@ def _entity_name(base: str, entity: str) -> str:
 def entities(cfg: TrainConfig) -> list[tuple[str, TrainConfig, datalib.RawTable | None]]:
     """The per-entity runs of a config: ``(entity, config, rows)``.
 
-    ``data.path`` a folder: one run per data file in it (sorted; ``rows`` None, each file is
-    read by its run). ``data.entity_column``: the file is read once and split by that
-    column's value (first-seen order). Otherwise: one run, the config itself.
+    ``data.per_file`` (``data.path`` a folder): one run per data file in it (sorted;
+    ``rows`` None, each file is read by its run). ``data.entity_column``: the file is read
+    once and split by that column's value (first-seen order). Otherwise: one run, the config itself.
     """
     d = cfg.data
-    if d.path is not None and Path(d.path).is_dir():
+    if d.per_file and d.path is not None:
         files = sorted(p for p in Path(d.path).iterdir() if p.suffix.lower() in _DATA_SUFFIXES)
         if not files:
             raise DataError(f"folder {d.path} holds no CSV or JSON Lines files", "check data.path")
@@ -873,6 +873,7 @@ def entities(cfg: TrainConfig) -> list[tuple[str, TrainConfig, datalib.RawTable 
         for f in files:
             doc = to_mapping(cfg)
             doc["data"]["path"] = str(f)
+            doc["data"]["per_file"] = False
             doc["name"] = _entity_name(cfg.name, f.stem)
             if cfg.report.dir:
                 doc["report"]["dir"] = str(Path(cfg.report.dir) / f.stem)

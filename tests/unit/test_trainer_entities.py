@@ -73,7 +73,7 @@ def test_one_model_per_file_of_a_folder_and_errors_stay_per_entity(tmp_path: Pat
     folder.mkdir()
     _export(folder / "pump-a.csv", ("a",))
     _export(folder / "pump-b.csv", ("b",), rows=12)  # too few rows: a user error for b only
-    out = dict(train_many(_cfg(tmp_path, path=str(folder), exclude=["unit"])))
+    out = dict(train_many(_cfg(tmp_path, path=str(folder), exclude=["unit"], per_file=True)))
     assert isinstance(out["pump-a"], TrainResult)
     assert isinstance(out["pump-b"], DataError) and "normal rows" in str(out["pump-b"])
 
