@@ -313,6 +313,20 @@ def test_per_point_model_without_new_fields_gives_the_v1_event_shape() -> None:
     assert len(Scorer(det, ReadingSettings(), EventSettings()).memory) == 0
 
 
+def test_training_ranges_only_add_the_out_of_range_field() -> None:
+    with_ranges = windowed_detector(1)
+    without = dataclasses.replace(with_ranges, train_min=None, train_max=None)
+    recs = _records(_readings(40))
+    now = int(time.time() * 1000)
+    a = Scorer(with_ranges, ReadingSettings(), EventSettings(), clock_ms=lambda: now).process(recs)
+    b = Scorer(without, ReadingSettings(), EventSettings(), clock_ms=lambda: now).process(recs)
+    assert a.events and len(a.events) == len(b.events)
+    for ma, mb in zip(a.events, b.events, strict=True):
+        ea, eb = json.loads(ma.value or b""), json.loads(mb.value or b"")
+        assert isinstance(ea.pop("out_of_range"), list)
+        assert ea == eb
+
+
 def test_changed_watched_constant_makes_a_normal_reading_anomalous() -> None:
     det = windowed_detector(
         1, constants=(WatchedConstant("valve", 1.0, 0.01), WatchedConstant("mode", 3.0, 0.5))
