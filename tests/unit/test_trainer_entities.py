@@ -60,6 +60,10 @@ def test_one_model_per_entity_column_with_messy_columns(tmp_path: Path) -> None:
         assert data["ignored_columns"] == ["note"]
         assert data["imputed_values"] == {"b": 5} and data["time_order"] == "timestamp"
         assert res.dataset.n_rows == 240  # its own entity's rows only
+        # 3 epochs cannot early-stop with patience 10: the report says training hit the cap.
+        assert res.metrics["training"]["stopped_at_cap"] is True
+        assert any("epoch cap" in w for w in res.metrics["warnings"])
+        assert "## Warnings" in res.report_files["report/report.md"].decode()
     assert det.info.name == "plant-u2"
     warnings = [ln for ln in lines if ln.startswith("warning: ")]
     assert any("constant column(s), watched" in ln and "flat=5" in ln for ln in warnings)
