@@ -320,10 +320,12 @@ class Worker:
                 self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         self._outage_over()
-        self.producer = self._producer_factory(self.cfg, self.instance_id)
-        if self._eos and not self._init_transactions(self.producer):
+        self.producer = self._new_producer()
+        if self.producer is None or (self._eos and not self._init_transactions(self.producer)):
             return False
-        self.consumer = self._consumer_factory(self.cfg, self.instance_id)
+        self.consumer = self._build(self._consumer_factory, "consumer start")
+        if self.consumer is None:
+            return False
         self._await_input_metadata()
         if self.stage is not None:
             parts = self.consumer.partitions_for_topic(k.input_topics[0]) or {0}
@@ -350,6 +352,32 @@ class Worker:
                 self._kafka_error("metadata", e, quiet=True)
             time.sleep(0.2)
         log.warning("input topic metadata not loaded before joining; assignment may lag")
+
+    def _new_producer(self) -> Any | None:
+        return self._build(self._producer_factory, "producer start")
+
+    def _build(self, factory: Callable[[WorkerConfig, str], Any], what: str) -> Any | None:
+        """Build a client, retrying while the broker is unreachable (kafka-python's
+        constructors bootstrap and raise KafkaTimeoutError). None if stopped meanwhile.
+
+        Raises:
+            GiveUp: unreachable past ``kafka.outage_give_up_s``.
+            StartupError: the broker refused our credentials.
+        """
+        backoff = 0.5
+        while True:
+            if self._stop:
+                return None
+            self.health.beat()
+            try:
+                return factory(self.cfg, self.instance_id)
+            except KafkaError as e:
+                if _is_auth_error(e):
+                    raise StartupError(_auth_message(e)) from None
+                self._kafka_error(what, e)
+                self._check_give_up()
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def _init_transactions(self, producer: Any) -> bool:
         """``init_transactions`` with retries (it waits ``max_block_ms`` per attempt)."""
@@ -568,7 +596,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 old.close(timeout=0)
         log.warning("re-creating the producer after repeated delivery failures")
-        self.producer = self._producer_factory(self.cfg, self.instance_id)
+        self.producer = self._new_producer()
+        if self.producer is None:
+            raise _Abandoned()
 
     def _commit_eos(self) -> None:
         assert self.consumer is not None and self.producer is not None
@@ -635,7 +665,9 @@ class Worker:
         if old is not None:
             with contextlib.suppress(Exception):
                 old.close(timeout=0)
-        producer = self._producer_factory(self.cfg, self.instance_id)
+        producer = self._new_producer()
+        if producer is None:
+            raise _Abandoned()
         if not self._init_transactions(producer):
             with contextlib.suppress(Exception):
                 producer.close(timeout=0)

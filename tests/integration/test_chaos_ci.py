@@ -66,17 +66,7 @@ def _explain(r: sc.Result) -> str:
 
 CASES = [
     pytest.param("ci", "at_least_once", id="ci-at_least_once"),
-    pytest.param(
-        "ci",
-        "exactly_once",
-        id="ci-exactly_once",
-        # Remove once fixed (see /work/notes/chaos.md): a producer built while the broker is
-        # down raises KafkaTimeoutError "Unable to bootstrap" out of the loop, exit 1.
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="issue 9 defect 3: producer re-created during a broker outage exits 1",
-        ),
-    ),
+    pytest.param("ci", "exactly_once", id="ci-exactly_once"),
     pytest.param("output_missing", "at_least_once", id="output_missing-at_least_once"),
     pytest.param("output_missing", "exactly_once", id="output_missing-exactly_once"),
 ]
