@@ -3,8 +3,10 @@
 Tests in :data:`BOTH_CLIENTS` modules are parametrised over ``kafka.client`` (``kafka-python``
 and ``confluent``); the worker subprocesses they start inherit it through
 ``SENSOR_ANOMALY_KAFKA__CLIENT`` (``WorkerProcess`` passes the environment on), so the tests
-themselves need no change. Long lifecycle tests listed in :data:`DEFAULT_CLIENT_ONLY` run on
-the default client only, to keep ``make test`` within its time budget.
+themselves need no change. Tests listed in :data:`DEFAULT_CLIENT_ONLY` run on the default client
+only, to keep ``make test`` within its time budget: start-up checks decided before any client
+exists, and two long lifecycle tests whose subject (model reload; join timing after restarts)
+the confluent runs of the other tests and of the chaos suite already cover.
 ``KAFKA_CLIENTS=kafka-python`` (or ``confluent``) narrows the matrix, e.g. for a quick run.
 """
 
@@ -21,12 +23,19 @@ BOTH_CLIENTS = frozenset(
         "tests.integration.test_worker_kafka",
         "tests.integration.test_worker_reliability",
         "tests.integration.test_worker_lifecycle",
+        "tests.integration.test_worker_startup",
     }
 )
-# (module, test) pairs that run on kafka-python only: slow, and what they prove about the
-# loop (back-off timing, restarts) does not depend on the client beyond what the others cover.
+# (module, test) pairs that run on kafka-python only (see the module docstring).
+_STARTUP = "tests.integration.test_worker_startup"
 DEFAULT_CLIENT_ONLY = frozenset(
     {
+        # Decided before any client is built (config, CLI, HTTP port, score-file): one run.
+        (_STARTUP, "test_metrics_port_in_use_is_exit_2"),
+        (_STARTUP, "test_sasl_mechanism_without_password_is_a_config_error"),
+        (_STARTUP, "test_missing_tls_file_is_a_config_error"),
+        (_STARTUP, "test_score_file_with_a_missing_input_is_exit_2"),
+        (_STARTUP, "test_options_after_the_subcommand_and_version"),
         (
             "tests.integration.test_worker_reliability",
             "test_restarted_worker_gets_its_partitions_back_promptly",
