@@ -36,13 +36,13 @@ from worker.alertmanager import AlertmanagerClient
 from worker.config import ConfigError, WorkerConfig, load_config
 from worker.health import HealthServer
 from worker.identity import resolve_instance_id
-from worker.incidents import IncidentTracker, ThresholdMultipliers
+from worker.incidents import IncidentTracker, ThresholdMultipliers, encode_incident_event
 from worker.logs import setup_logging
 from worker.loop import GiveUp, StartupError, Worker
 from worker.memory import DeviceMemory
 from worker.metrics import WorkerMetrics
 from worker.model_source import ModelSource
-from worker.pipeline import Scorer
+from worker.pipeline import BatchResult, Scorer
 from worker.records import SimpleRecord
 from worker.stateful import StatefulStage
 from worker.status import WorkerStatus
@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         "anomalous, out-of-range features)",
     )
     sf.add_argument(
+        "--incidents",
+        default="",
+        help="also run the incident rules (config section incidents) and write the incident "
+        "events here as JSON Lines",
+    )
+    sf.add_argument(
         "--max-past",
         type=float,
         default=None,
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 scores=args.scores,
                 max_past_s=args.max_past,
                 time_checks=not args.no_time_checks,
+                incidents=args.incidents,
             )
         return run_worker(cfg)
     except (ArtifactError, StartupError, HealthServerError) as e:
@@ -292,6 +299,7 @@ class _FileTotals:
     out_of_range: int = 0
     above: int = 0
     dead_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    incidents: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def score_file(
@@ -303,6 +311,7 @@ def score_file(
     scores: str = "",
     max_past_s: float | None = None,
     time_checks: bool = True,
+    incidents: str = "",
 ) -> int:
     """Backfill/offline check: the same Scorer the Kafka loop uses, on JSON Lines.
 
@@ -310,6 +319,9 @@ def score_file(
     of readings with a feature outside the training range; share above the threshold vs the
     holdout's). A file whose first reading has no timestamp field is *untimed*: readings
     without one get row order as time (see ``UNTIMED_START_MS``) and the age checks are off.
+    With ``incidents`` the incident rules of the ``incidents`` config section run on the
+    scored readings (event time, so a backfill gives the incidents the live worker would);
+    incidents still open at the end of the file stay open (counted in the summary).
     """
     if batch < 1 or (max_past_s is not None and not max_past_s > 0):
         print("error: --batch and --max-past must be positive numbers", file=sys.stderr)
@@ -324,6 +336,7 @@ def score_file(
         dst = sys.stdout.buffer if out == "-" else open(out, "wb")  # noqa: SIM115
         dlq = open(dead, "wb") if dead else None  # noqa: SIM115
         sco = open(scores, "wb") if scores else None  # noqa: SIM115
+        inc = open(incidents, "wb") if incidents else None  # noqa: SIM115
     except OSError as e:
         print(f"error: cannot write {e.filename}: {e.strerror}; check the path", file=sys.stderr)
         return 2
@@ -331,15 +344,16 @@ def score_file(
     first = next(lines, None)
     ts_key = b'"' + cfg.reading.timestamp_field.encode() + b'"'
     untimed = first is not None and ts_key not in first
-    reading = cfg.reading
-    if max_past_s is not None:
-        reading = dataclasses.replace(reading, max_past_s=max_past_s)
-    if untimed or not time_checks:
-        # Far beyond any epoch-ms value: only the "looks like seconds" check remains.
-        reading = dataclasses.replace(reading, max_past_s=1e13, max_future_s=1e13)
+    reading = _file_reading(cfg, max_past_s, time_checks and not untimed)
     scorer = Scorer(
-        det, reading, cfg.events, multipliers=_multipliers(cfg), keep_readings=sco is not None
+        det,
+        reading,
+        cfg.events,
+        multipliers=_multipliers(cfg),
+        keep_readings=sco is not None,
+        scored_batch=inc is not None,
     )
+    tracker = IncidentTracker(cfg.incidents) if inc is not None else None
     name = "stdin" if inp == "-" else Path(inp).name
     tot = _FileTotals()
     t0 = time.perf_counter()
@@ -351,16 +365,42 @@ def score_file(
             buf.append(SimpleRecord(name, 0, tot.readings, None, line, []))
             tot.readings += 1
             if len(buf) >= batch:
-                _flush_file_batch(scorer, buf, dst, dlq, tot, sco)
+                res = _flush_file_batch(scorer, buf, dst, dlq, tot, sco)
+                _file_incidents(tracker, res, inc, tot)
                 buf = []
         if buf:
-            _flush_file_batch(scorer, buf, dst, dlq, tot, sco)
+            res = _flush_file_batch(scorer, buf, dst, dlq, tot, sco)
+            _file_incidents(tracker, res, inc, tot)
+        if tracker is not None:
+            tot.incidents["open at the end"] = len(tracker.open_incidents())
     finally:
-        for f in (src, dst, dlq, sco):
+        for f in (src, dst, dlq, sco, inc):
             if f is not None and f not in (sys.stdin.buffer, sys.stdout.buffer):
                 f.close()
     _print_summary(det, tot, time.perf_counter() - t0, untimed)
     return 0
+
+
+def _file_reading(cfg: WorkerConfig, max_past_s: float | None, time_checks: bool) -> Any:
+    """The reading settings of an offline run: ``--max-past``, or no age checks at all."""
+    reading = cfg.reading
+    if max_past_s is not None:
+        reading = dataclasses.replace(reading, max_past_s=max_past_s)
+    if not time_checks:
+        # Far beyond any epoch-ms value: only the "looks like seconds" check remains.
+        reading = dataclasses.replace(reading, max_past_s=1e13, max_future_s=1e13)
+    return reading
+
+
+def _file_incidents(
+    tracker: IncidentTracker | None, res: BatchResult, inc: IO[bytes] | None, tot: _FileTotals
+) -> None:
+    """Feed one batch's scored readings to the incident tracker; write its events."""
+    if tracker is None or inc is None or res.scored_batch is None:
+        return
+    for ev in tracker.process(res.scored_batch).events:
+        inc.write((encode_incident_event(ev).value or b"") + b"\n")
+        tot.incidents[ev.state] = tot.incidents.get(ev.state, 0) + 1
 
 
 def _multipliers(cfg: WorkerConfig) -> ThresholdMultipliers | None:
@@ -397,6 +437,9 @@ def _print_summary(det: Any, tot: _FileTotals, seconds: float, untimed: bool) ->
             f"(window {det.window})",
             file=sys.stderr,
         )
+    if tot.incidents:
+        counts = ", ".join(f"{k} {n}" for k, n in tot.incidents.items())
+        print(f"incidents: {counts}", file=sys.stderr)
     if untimed:
         print("no timestamps in the file: row order used as time (1 s per row)", file=sys.stderr)
     if tot.scored:
@@ -421,7 +464,7 @@ def _flush_file_batch(
     dlq: IO[bytes] | None,
     tot: _FileTotals,
     sco: IO[bytes] | None = None,
-) -> None:
+) -> BatchResult:
     res = scorer.process(buf)
     for m in res.events:
         dst.write((m.value or b"") + b"\n")
@@ -444,6 +487,7 @@ def _flush_file_batch(
         tot.dead_by_reason[reason.value] = tot.dead_by_reason.get(reason.value, 0) + n
     if sco is not None and res.readings is not None:
         sco.write(_score_lines(buf, res.readings))
+    return res
 
 
 def _score_lines(buf: list[SimpleRecord], r: Any) -> bytes:

@@ -108,3 +108,33 @@ def test_untimed_file_gets_row_order_as_time(
     ts = np.array([r["timestamp_ms"] for r in rows])
     lines_no = np.array([r["line"] for r in rows])
     np.testing.assert_array_equal(ts, UNTIMED_START_MS + (lines_no - 1) * 1000)
+
+
+def test_incidents_offline_equal_the_tracker_on_the_same_scores(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.config import load_config
+    from worker.incidents import IncidentTracker
+    from worker.pipeline import Scorer
+    from worker.records import SimpleRecord
+
+    lines = _lines(150, int(time.time() * 1000) - 200_000, 0.06)
+    out = tmp_path / "incidents.jsonl"
+    rc, src = _run(config, tmp_path, lines, "--incidents", str(out), "--batch", "100")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert got, "6 % injected anomalies must open incidents"
+    assert "incidents: opened " in err
+    # The same readings through Scorer + IncidentTracker by hand, in other batch sizes.
+    cfg = load_config(config)
+    det = windowed_detector(W, 0.5)
+    scorer = Scorer(det, cfg.reading, cfg.events, scored_batch=True)
+    tracker = IncidentTracker(cfg.incidents)
+    recs = [SimpleRecord(src.name, 0, i, None, v, []) for i, v in enumerate(lines)]
+    ids = []
+    for i in range(0, len(recs), 37):
+        sb = scorer.process(recs[i : i + 37]).scored_batch
+        assert sb is not None
+        ids += [(e.state, e.incident.id) for e in tracker.process(sb).events]
+    assert [(e["state"], e["incident_id"]) for e in got] == ids
