@@ -177,7 +177,7 @@ def run_worker(cfg: WorkerConfig) -> int:
         __version__,
         instance_id,
         json.dumps(cfg.masked(), sort_keys=True),
-        extra={"instance_id": instance_id},
+        extra={"instance_id": instance_id, "config": cfg.masked()},
     )
     registry = worker_registry()
     metrics = WorkerMetrics.create(registry)

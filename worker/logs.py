@@ -33,10 +33,12 @@ class JsonFormatter(logging.Formatter):
         }
         for k, v in record.__dict__.items():
             if k not in _STD_ATTRS and not k.startswith("_"):
-                doc[k] = v if isinstance(v, str | int | float | bool | None) else str(v)
+                doc[k] = (
+                    v if isinstance(v, str | int | float | bool | dict | list | None) else str(v)
+                )
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False)
+        return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 class Throttle(logging.Filter):
