@@ -444,8 +444,10 @@ class Worker:
         except KafkaError as e:
             self._kafka_error("poll", e)
             return
-        if polled and self._outage_since is not None:
-            self._outage_over()  # records arrived: the broker is back
+        if polled:
+            self.health.progress()
+            if self._outage_since is not None:
+                self._outage_over()  # records arrived: the broker is back
         if self.stage is not None and self.stage.needs_restore():
             # Newly assigned partitions: their state before any of their records is scored.
             self._restore_state()
@@ -824,6 +826,7 @@ class Worker:
         assert self.consumer is not None
         assigned = list(self.consumer.assignment())
         if not assigned:
+            self.health.update(lag=0)
             return
         try:
             ends = self.consumer.end_offsets(assigned, timeout_ms=5000)
@@ -832,6 +835,7 @@ class Worker:
             return
         if not self._unc.resend and self._unc.failed is None:
             self._outage_over()
+        total = 0
         for tp in assigned:
             try:
                 pos = self.consumer.position(tp, timeout_ms=1000)
@@ -839,9 +843,13 @@ class Worker:
                 continue
             end = ends.get(tp)
             if pos is not None and end is not None:
+                total += max(0, end - pos)
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                     max(0, end - pos)
                 )
+        if total and not self.health.lag:
+            self.health.progress()  # the stall clock starts when work appears
+        self.health.update(lag=total)
 
     def _maybe_reload(self) -> None:
         try:
@@ -933,7 +941,7 @@ class Worker:
         for tp in tps:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
-        self.health.update(assigned_partitions=0, assignment=())
+        self.health.update(assigned_partitions=0, assignment=(), lag=0)
 
     async def _commit_for_revoke(self, unc: _Uncommitted) -> None:
         assert self.consumer is not None and self.producer is not None

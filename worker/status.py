@@ -6,6 +6,7 @@ with more members than partitions is ready), the broker answers, outputs are bei
 acknowledged, no input topic is missing, and the worker is not stopping.
 
 Liveness fails (so an orchestrator restarts the worker) when the loop has not iterated for
+``stall_after_s``, when it owns partitions with records waiting but has consumed nothing for
 ``stall_after_s``, or when the consumer has not been a stable group member for
 ``rejoin_stuck_s`` (a join or sync that never completes; a healthy rejoin takes at most the
 group's rebalance timeout, ``kafka.max_poll_interval_ms``).
@@ -28,6 +29,14 @@ class WorkerStatus(HealthState):
     assignment: tuple[str, ...] = ()
     delivery_ok: bool = True
     problem: str = ""  # one line: why not ready (missing topic, delivery failing, ...)
+    # Records waiting in owned partitions (from the last lag refresh) and when the loop last
+    # consumed any: a member that owns work but consumes nothing for stall_after_s is stuck
+    # (seen once after many broker restarts: assigned, then silent for minutes).
+    lag: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()  # a float store is atomic in CPython
 
     def set_member(self, stable: bool) -> None:
         with self._lock:
@@ -41,6 +50,14 @@ class WorkerStatus(HealthState):
         ok, facts = super().liveness()
         with self._lock:
             since = self.unstable_since
+        idle = time.monotonic() - self.last_progress
+        working = self.broker_ok and self.delivery_ok and not self.stopping
+        if self.lag > 0 and working and idle > self.stall_after_s:
+            ok = False
+            facts["reason"] = (
+                f"{self.lag} records waiting in owned partitions but nothing consumed for "
+                f"{idle:.0f}s (limit {self.stall_after_s:.0f}s)"
+            )
         if since is not None and not self.stopping:
             out = time.monotonic() - since
             facts["not_group_member_s"] = round(out, 1)

@@ -59,3 +59,24 @@ def test_instance_ids_unique_among_live_holders_and_reused_after(tmp_path: objec
     b = resolve_instance_id("", "g", d)
     assert a != b and a.endswith("-0") and b.endswith("-1")
     assert resolve_instance_id("fixed", "g", d) == "fixed"
+
+
+def test_liveness_fails_when_owned_work_is_not_consumed() -> None:
+    import time as _t
+
+    from worker.status import WorkerStatus
+
+    st = WorkerStatus(stall_after_s=0.2)
+    st.update(broker_ok=True, lag=100)
+    st.set_member(True)
+    assert st.liveness()[0]
+    _t.sleep(0.3)
+    st.beat()  # the loop iterates, but consumes nothing
+    ok, facts = st.liveness()
+    assert not ok and "nothing consumed" in facts["reason"]
+    st.progress()
+    assert st.liveness()[0]
+    st.update(lag=0)  # a standby with nothing to do stays alive
+    _t.sleep(0.3)
+    st.beat()
+    assert st.liveness()[0]
