@@ -100,13 +100,19 @@ def test_poll_commit_seek_and_assignment_as_the_loop_uses_them(broker: Broker) -
         assert values == {f"v{i}".encode() for i in range(2000)}
         # Nothing more to read: poll waits its timeout and returns nothing.
         assert c.poll(300, 100) == {}
-        # One new record: returned at once, not after the timeout waiting for a full batch.
-        broker.produce(topic, [(b"late", b"late")])
+        # One new record (sent by our producer to an explicit partition, as the loop sends
+        # changelog records): returned at once, not after the timeout for a full batch.
+        prod = C.build_producer(cfg, "a")
+        fut = prod.send(topic, key=b"late", value=b"late", partition=1)
+        prod.flush(timeout=10)
+        assert fut.is_done and not fut.failed()
+        prod.close(timeout=1)
         t0 = time.monotonic()
         late: dict[TopicPartition, list[Any]] = {}
         while not late and time.monotonic() - t0 < 20:
             late = c.poll(20_000, 1000)
         assert [r.value for recs in late.values() for r in recs] == [b"late"]
+        assert list(late) == [tp1]
         assert time.monotonic() - t0 < 19
         # Commit, read it back, rewind, and the end offsets.
         c.commit({tp0: OffsetAndMetadata(123, "", -1)}, timeout_ms=10_000)

@@ -68,6 +68,7 @@ __all__ = [
     "abort_transaction",
     "build_consumer",
     "build_producer",
+    "commit_in_listener",
     "commit_transaction",
     "consumer_config",
     "ensure_topics",
@@ -637,6 +638,7 @@ class Producer:
         value: bytes | None = None,
         key: bytes | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
     ) -> Future:
         """Queue one record; its :class:`Future` completes when the broker acknowledged it
         (``acks=all``) or its delivery failed. Delivery reports are served by
@@ -647,10 +649,14 @@ class Producer:
             KafkaError: librdkafka refused the record (e.g. too large).
         """
         fut = Future()
+        # librdkafka's "unassigned" partition (-1) lets its partitioner choose by key.
+        part = -1 if partition is None else partition
         try:
-            self._p.produce(topic, value, key, headers=headers, on_delivery=fut._report)
+            self._p.produce(
+                topic, value, key, partition=part, headers=headers, on_delivery=fut._report
+            )
         except BufferError:
-            self._produce_when_room(topic, value, key, headers, fut)
+            self._produce_when_room(topic, value, key, headers, fut, part)
         except ck.KafkaException as e:
             raise translate(e) from None
         return fut
@@ -662,12 +668,15 @@ class Producer:
         key: bytes | None,
         headers: list[tuple[str, bytes]] | None,
         fut: Future,
+        part: int,
     ) -> None:
         deadline = time.monotonic() + self._max_block_s
         while True:
             self._p.poll(0.05)
             try:
-                self._p.produce(topic, value, key, headers=headers, on_delivery=fut._report)
+                self._p.produce(
+                    topic, value, key, partition=part, headers=headers, on_delivery=fut._report
+                )
                 return
             except BufferError:
                 if time.monotonic() > deadline:
@@ -741,6 +750,17 @@ def build_producer(cfg: WorkerConfig, instance_id: str = "") -> Producer:
     return Producer(
         producer_config(cfg, instance_id), min(cfg.kafka.request_timeout_ms, 10_000) / 1000
     )
+
+
+async def commit_in_listener(consumer: Consumer, offsets: Any, timeout_s: float) -> None:
+    """Commit offsets from inside the rebalance listener.
+
+    librdkafka runs the listener inside ``poll`` on the loop's thread, where a synchronous
+    commit is allowed and is the only one served (a commit from another thread waits for the
+    callback to return), so this cannot run on the bounded helper thread: it is bounded by
+    librdkafka's request timeout (``socket.timeout.ms``) instead of ``timeout_s``.
+    """
+    await consumer.commit_async(offsets)
 
 
 def _txn_call(fn: Any, timeout_s: float, what: str, *args: Any) -> None:
