@@ -392,7 +392,10 @@ class Scorer:
                 out.scored_by_group[group_of[d]] += c
         else:
             out.scored_by_group.update(group_of[d] for d in compress(devices, fin_l))
-        self._drift(rows, group_of, ratio, fin_l, above_model, finite, out)
+        # Without multipliers or changed constants "above the model threshold" is exactly
+        # "anomalous", counted per group by _emit: copy that count instead of a second pass.
+        same = anomalous is above_model
+        self._drift(rows, group_of, ratio, fin_l, None if same else above_model, finite, out)
         hot_rows = np.flatnonzero(anomalous).tolist()
         cfg = self.events_cfg
         contributors = dict(
@@ -412,6 +415,8 @@ class Scorer:
             out.readings = self._readings(rows, anomalous, thr if mults is None else thr * mults)
         self._emit(records, rows, finite, anomalous, hot_rows, contributors, group_of, mults,
                    changed, out)  # fmt: skip
+        if same:
+            out.above_threshold_by_group = out.anomalies_by_group.copy()
 
     def _drift(
         self,
@@ -419,7 +424,7 @@ class Scorer:
         group_of: Mapping[str, str],
         ratio: npt.NDArray[np.float64],
         fin_l: list[bool] | None,
-        above_model: npt.NDArray[np.bool_],
+        above_model: npt.NDArray[np.bool_] | None,
         finite: npt.NDArray[np.bool_],
         out: BatchResult,
     ) -> None:
@@ -429,9 +434,10 @@ class Scorer:
         # keep what it needs, not the per-row work.
         out._ratio_parts = (ratio, devices if fin_l is None else list(compress(devices, fin_l)),
                             group_of)  # fmt: skip
-        above_rows = np.flatnonzero(above_model).tolist()
-        if above_rows:
-            out.above_threshold_by_group.update(group_of[devices[j]] for j in above_rows)
+        if above_model is not None:
+            above_rows = np.flatnonzero(above_model).tolist()
+            if above_rows:
+                out.above_threshold_by_group.update(group_of[devices[j]] for j in above_rows)
         lo, hi = self.detector.train_min, self.detector.train_max
         if lo is not None and hi is not None:
             with np.errstate(invalid="ignore"):
