@@ -90,9 +90,6 @@ class IncidentSettings:
     topic: str = "sensor-incidents"
     # Opening: k anomalous readings within window_s of event time (k = min_anomalous) ...
     window_s: float = 10.0
-    # Deprecated alias of window_s (the first version counted the last N readings; at one
-    # reading a second that is N seconds). 0 = unset; when set it overrides window_s.
-    window: float = 0.0
     min_anomalous: int = 3
     # ... for at least this long (0 = no duration condition), with at least one reading this
     # far past the threshold (1 = any anomalous reading) ...
@@ -114,10 +111,6 @@ class IncidentSettings:
     # multiplier scales the model threshold for incidents (and score_ratio) of that group.
     threshold_multipliers: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.window:
-            object.__setattr__(self, "window_s", float(self.window))
-
     def validate(self) -> None:
         """Raise :class:`IncidentConfigError` (one line, names the key) on a bad value."""
         if not 0 < self.window_s <= 86400:
@@ -131,7 +124,6 @@ class IncidentSettings:
         if self.resolve_normal_readings < 1:
             raise IncidentConfigError("incidents.resolve_normal_readings: must be >= 1")
         for name in (
-            "window",
             "min_duration_s",
             "resolve_quiet_s",
             "cooldown_s",

@@ -28,7 +28,7 @@ from worker.records import SimpleRecord
 
 pytestmark = pytest.mark.integration
 
-INCIDENTS = {"enabled": True, "window": 6, "min_anomalous": 3, "resolve_normal_readings": 5}
+INCIDENTS = {"enabled": True, "window_s": 6.0, "min_anomalous": 3, "resolve_normal_readings": 5}
 
 
 @pytest.fixture(scope="module")
