@@ -287,8 +287,9 @@ def test_settings_validation_names_the_key() -> None:
     with pytest.raises(IncidentConfigError, match="unknown"):
         IncidentSettings.from_mapping({"windw": 3})
     assert IncidentSettings.from_mapping({"window_s": 4, "min_anomalous": 2}).window_s == 4
-    # The first version's key still loads (readings at 1 Hz = seconds).
-    assert IncidentSettings.from_mapping({"window": 6}).window_s == 6.0
+    # The first version's count-based key is gone: refused with the valid keys listed.
+    with pytest.raises(IncidentConfigError, match="window_s"):
+        IncidentSettings.from_mapping({"window": 6})
 
 
 def test_events_from_a_real_detector_validate_against_the_schema() -> None:
