@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from worker.config import load_config
 from worker.clients.kafka_python import build_consumer
+from worker.config import load_config
 
 
 def main() -> int:

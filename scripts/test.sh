@@ -11,7 +11,10 @@ if ! deploy/kafka/kafka.sh status; then
   deploy/kafka/kafka.sh start
   started=1
 fi
-echo "== ruff"; $BIN/ruff check . && $BIN/ruff format --check .
+# Separate commands: under `set -e` a failure inside `a && b` does not stop the script.
+echo "== ruff"
+$BIN/ruff check .
+$BIN/ruff format --check .
 echo "== mypy"; $BIN/mypy
 echo "== pytest"
 $BIN/pytest -v -rs --durations=15 "$@"

@@ -230,7 +230,7 @@ def worker_registry() -> CollectorRegistry:
 
     ``_created`` series are off: one extra series per counter that no dashboard reads.
     """
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
