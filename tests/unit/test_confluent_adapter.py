@@ -265,3 +265,18 @@ def test_init_transactions_without_a_broker_times_out_as_a_kafka_error() -> None
 def test_unreachable_broker_at_topic_check_is_retryable_not_a_startup_error() -> None:
     with pytest.raises(KafkaError):
         C.ensure_topics(_cfg(), timeout_ms=1000)
+
+
+def test_both_adapters_provide_every_function_of_the_client_interface() -> None:
+    import inspect
+
+    from worker.clients import ClientAdapter
+
+    members = [n for n in vars(ClientAdapter) if not n.startswith("_")]
+    assert "build_consumer" in members and "commit_in_listener" in members
+    for module in (KP, C):
+        for name in members:
+            fn = getattr(module, name, None)
+            assert callable(fn), f"{module.__name__} lacks {name}"
+            want_async = inspect.iscoroutinefunction(getattr(ClientAdapter, name))
+            assert inspect.iscoroutinefunction(fn) == want_async, f"{module.__name__}.{name}"
