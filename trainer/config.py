@@ -207,7 +207,12 @@ class ModelConfig:
     l2: float = setting(0.0, "L2 weight penalty on every kernel", ge=0)
     learning_rate: float = setting(1e-3, "Adam learning rate", gt=0, le=1)
     epochs: int = setting(300, "maximum epochs (the report says when training stopped at it)", ge=1)
-    batch_size: int = setting(256, "mini-batch size", ge=1)
+    batch_size: int | None = setting(
+        None,
+        "mini-batch size; null = auto: min(256, max(16, training rows // 20)), so a small "
+        "export still gets ~20 steps per epoch",
+        ge=1,
+    )
     patience: int = setting(10, "early stopping: epochs without val_loss improvement", ge=1)
     min_delta: float = setting(0.0, "early stopping: smallest val_loss change that counts", ge=0)
     seed: int = setting(42, "seed for the split, weight init, shuffling and dropout", ge=0)

@@ -545,8 +545,16 @@ def auto_shape(n_inputs: int) -> tuple[tuple[int, ...], int]:
     return (4 * code, 2 * code), code
 
 
-def resolve_shape(hp: ModelConfig, n_inputs: int) -> tuple[ModelConfig, list[str]]:
-    """``hp`` with ``hidden``/``code_size`` filled in for ``n_inputs``, and warnings.
+def auto_batch(n_train: int) -> int:
+    """Default batch size: 256, but small enough for ~20 optimiser steps per epoch (at
+    least 16), so epochs and patience mean the same on 300 rows as on 300,000."""
+    return min(256, max(16, n_train // 20))
+
+
+def resolve_shape(
+    hp: ModelConfig, n_inputs: int, n_train: int = 1_000_000
+) -> tuple[ModelConfig, list[str]]:
+    """``hp`` with ``hidden``/``code_size`` (and ``batch_size``) filled in, and warnings.
 
     A configured code size as wide as the input or wider is kept, with a warning: such a
     network can learn the identity, and its errors then say little.
@@ -556,6 +564,7 @@ def resolve_shape(hp: ModelConfig, n_inputs: int) -> tuple[ModelConfig, list[str
         hp,
         hidden=hp.hidden if hp.hidden is not None else hidden,
         code_size=hp.code_size if hp.code_size is not None else code,
+        batch_size=hp.batch_size if hp.batch_size is not None else auto_batch(n_train),
     )
     notes = []
     assert out.code_size is not None
@@ -690,7 +699,7 @@ def train(
     warn = list(prep.warnings)
     d = len(ds.feature_names)
     units = step_units(cfg.model, d)
-    hp, shape_notes = resolve_shape(cfg.model, w * (units or d))
+    hp, shape_notes = resolve_shape(cfg.model, w * (units or d), len(r_train))
     for line in shape_notes:
         say(f"warning: {line}")
     warn += shape_notes
