@@ -32,7 +32,7 @@ from prometheus_client import (
 
 from detector import ArtifactError
 from worker import __version__
-from worker.alertmanager import AlertmanagerClient
+from worker.alertmanager import AlertmanagerClient, AlertmanagerHooks
 from worker.config import ConfigError, WorkerConfig, load_config
 from worker.health import HealthServer
 from worker.identity import resolve_instance_id
@@ -248,15 +248,16 @@ def build_stage(cfg: WorkerConfig, metrics: WorkerMetrics, det: Any) -> Stateful
     tracker = IncidentTracker(cfg.incidents) if cfg.incidents.enabled else None
     alerts = None
     if cfg.alertmanager.enabled:
-        hooks = getattr(metrics, "alertmanager_hooks", None)
-        alerts = AlertmanagerClient(cfg.alertmanager, hooks() if hooks else None)
+        alerts = AlertmanagerClient(
+            cfg.alertmanager, AlertmanagerHooks(**metrics.alertmanager_hooks())
+        )
     return StatefulStage(
         cfg,
         tracker,
         DeviceMemory(),
         alerts,
-        on_incidents=getattr(metrics, "on_incidents", None),
-        on_restore=getattr(metrics, "on_state_restored", None),
+        on_incidents=metrics.on_incidents,
+        on_restore=metrics.on_state_restored,
     )
 
 

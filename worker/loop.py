@@ -81,7 +81,7 @@ from worker.model_source import ModelSource, trained_timestamp
 from worker.pipeline import BatchResult, Scorer
 from worker.records import OutputMessage
 from worker.stateful import Produced, StatefulStage
-from worker.status import WorkerStatus
+from worker.status import DriftWindow, WorkerStatus
 
 __all__ = ["GiveUp", "StartupError", "Worker"]
 
@@ -188,6 +188,7 @@ class Worker:
         if self.memory is None:
             self.memory = DeviceMemory()  # in memory only: windows still work, not durable
         self._multipliers = ThresholdMultipliers.parse(cfg.incidents.threshold_multipliers)
+        self.drift = DriftWindow(on_change=lambda facts: self.health.update(drift=facts))
         # The Kafka library behind the contract (kafka.client): kafka-python or confluent.
         self.client = client or adapter_for(cfg)
         self._consumer_factory: Callable[[WorkerConfig, str], Any] = self.client.build_consumer
@@ -773,7 +774,14 @@ class Worker:
         if self.stage is not None:
             self.stage.committed()
         now = time.time()
+        self.metrics.on_published(
+            sum(len(r.events) for _, r in unc.results),
+            sum(len(r.dead_letters) for _, r in unc.results),
+            len(unc.extras),
+        )
         for n, result in unc.results:
+            self.metrics.on_drift(result)
+            self.drift.add(result)
             self.metrics.on_batch(
                 n,
                 result.scoring_seconds,

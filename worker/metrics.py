@@ -58,6 +58,9 @@ class WorkerMetrics:
     rebalances: Counter
     model_reloads: Counter
     ready: Gauge
+    outputs_published: Counter
+    state_restore_seconds: Histogram
+    state_keys: Gauge
     drift_readings: Counter
     drift_out_of_range: Counter
     drift_above_threshold: Counter
@@ -185,6 +188,28 @@ class WorkerMetrics:
                 namespace=ns,
                 registry=r,
             ),
+            outputs_published=Counter(
+                "outputs_published_total",
+                "Outputs acknowledged by the broker and committed with their offsets "
+                "(kind: event, dead_letter, incident); compare with the scored counters",
+                ["kind"],
+                namespace=ns,
+                registry=r,
+            ),
+            state_restore_seconds=Histogram(
+                "state_restore_seconds",
+                "Time to restore one partition's per-device state from the changelog",
+                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                namespace=ns,
+                registry=r,
+            ),
+            state_keys=Gauge(
+                "state_keys",
+                "Per-device state keys held for a partition after its restore",
+                ["partition"],
+                namespace=ns,
+                registry=r,
+            ),
             **_drift_metrics(ns, r),
             **_incident_metrics(ns, r),
             psi=psi or ScoreRatioPsi(),
@@ -196,7 +221,19 @@ class WorkerMetrics:
             m.model_reloads.labels(result=result)
         for outcome in ("ok", "error"):
             m.alertmanager_posts.labels(outcome=outcome)
+        for kind in ("event", "dead_letter", "incident"):
+            m.outputs_published.labels(kind=kind)
         return m
+
+    def on_published(self, events: int, dead_letters: int, incidents: int) -> None:
+        """Outputs of committed batches (acknowledged and committed with their offsets)."""
+        self.outputs_published.labels(kind="event").inc(events)
+        self.outputs_published.labels(kind="dead_letter").inc(dead_letters)
+        self.outputs_published.labels(kind="incident").inc(incidents)
+
+    def on_state_restored(self, partition: int, keys: int, _bytes: int, seconds: float) -> None:
+        self.state_restore_seconds.observe(seconds)
+        self.state_keys.labels(partition=str(partition)).set(keys)
 
     def on_model(self, info: ModelInfo, threshold: float, trained_ts: float) -> None:
         self.model_info.info(

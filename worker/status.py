@@ -34,6 +34,7 @@ class WorkerStatus(HealthState):
     # (seen once after many broker restarts: assigned, then silent for minutes).
     lag: int = 0
     last_progress: float = field(default_factory=time.monotonic)
+    drift: dict[str, Any] = field(default_factory=dict)  # DriftWindow's latest verdict
 
     def progress(self) -> None:
         self.last_progress = time.monotonic()  # a float store is atomic in CPython
@@ -80,6 +81,8 @@ class WorkerStatus(HealthState):
                 "broker_ok": self.broker_ok,
                 "delivery_ok": self.delivery_ok,
                 "stopping": self.stopping,
+                # Shown, not a readiness condition: a drifting model still scores.
+                "drift": dict(self.drift) or None,
             }
             reasons = []
             if not self.model_version:
@@ -99,3 +102,52 @@ class WorkerStatus(HealthState):
         if reasons:
             facts["reason"] = "; ".join(reasons)
         return not reasons, {**facts, **live}
+
+
+class DriftWindow:
+    """The ``drift`` state in ``/readyz``: the last ``size`` scored readings against training.
+
+    ``drifting`` when more than ``max_out_of_range`` of them carry a feature outside the
+    training range, or their above-threshold share exceeds ``max_rate_ratio`` × the holdout's
+    expected share (the same signals as the drift metrics and alert rules).
+    """
+
+    def __init__(
+        self,
+        on_change: Any,
+        size: int = 5000,
+        max_out_of_range: float = 0.5,
+        max_rate_ratio: float = 5.0,
+    ) -> None:
+        self._on_change = on_change
+        self.size = size
+        self.max_out_of_range = max_out_of_range
+        self.max_rate_ratio = max_rate_ratio
+        self._chunks: list[tuple[int, int, int]] = []  # (scored, out of range, above)
+        self._expected = float("nan")
+
+    def add(self, result: Any) -> None:
+        scored = int(getattr(result, "scored", 0))
+        if not scored:
+            return
+        oor = sum(getattr(result, "out_of_range_by_group", {}).values())
+        above = sum(getattr(result, "above_threshold_by_group", {}).values())
+        self._expected = float(getattr(result, "expected_rate", float("nan")))
+        self._chunks.append((scored, oor, above))
+        n = sum(c[0] for c in self._chunks)
+        while self._chunks and n - self._chunks[0][0] >= self.size:
+            n -= self._chunks.pop(0)[0]
+        o = sum(c[1] for c in self._chunks) / n
+        a = sum(c[2] for c in self._chunks) / n
+        exp = self._expected
+        ratio = a / exp if exp == exp and exp > 0 else None
+        drifting = o > self.max_out_of_range or (ratio is not None and ratio > self.max_rate_ratio)
+        self._on_change(
+            {
+                "state": "drifting" if drifting else "ok",
+                "readings": n,
+                "out_of_range_share": round(o, 4),
+                "above_threshold_share": round(a, 4),
+                "expected_share": None if exp != exp else round(exp, 4),
+            }
+        )

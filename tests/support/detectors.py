@@ -34,7 +34,9 @@ def linear_detector(
     code: int = 4,
     k: float = 2.0,
     name: str = "sensors",
+    ranges: bool = False,
 ) -> Detector:
+    """A PCA "autoencoder" fitted in milliseconds; ``ranges`` stores the training range."""
     n = len(x_normal)
     fit_rows, hold = x_normal[: n * 3 // 4], x_normal[n * 3 // 4 :]
     imp = SimpleImputer(strategy="mean").fit(fit_rows)
@@ -75,6 +77,8 @@ def linear_detector(
             trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
             training_fingerprint=fingerprint(x_normal),
         ),
+        train_min=np.nanmin(fit_rows, axis=0).astype(np.float64) if ranges else None,
+        train_max=np.nanmax(fit_rows, axis=0).astype(np.float64) if ranges else None,
     )
 
 
