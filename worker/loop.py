@@ -109,7 +109,14 @@ class GiveUp(RuntimeError):
 
 
 class DeliveryFailed(KafkaError):  # type: ignore[misc]
-    """Some outputs of a batch were not acknowledged."""
+    """Some outputs of a batch were not acknowledged.
+
+    ``only_pending``: none of them failed; they are still in flight in the client.
+    """
+
+    def __init__(self, message: str, only_pending: bool = False) -> None:
+        super().__init__(message)
+        self.only_pending = only_pending
 
 
 class _Reassigned(Exception):
@@ -543,7 +550,13 @@ class Worker:
                 self._kafka_error("commit", e)
                 if self.stage is not None and name != "DeliveryFailed":
                     self.stage.commit_failed()  # the offset commit failed: state goes again
-                if isinstance(e, DeliveryFailed | KafkaTimeoutError) or unc.resend:
+                if isinstance(e, DeliveryFailed) and e.only_pending and not unc.resend:
+                    # Nothing failed, records are still queued in the client (which keeps
+                    # retrying them): wait on the same futures; re-sending all of them now
+                    # would add one full copy per retry.
+                    self.health.update(delivery_ok=False)
+                    self._delivery_failures += 1
+                elif isinstance(e, DeliveryFailed | KafkaTimeoutError) or unc.resend:
                     unc.resend = True
                     self.health.update(delivery_ok=False)
                     self._delivery_failures += 1
@@ -710,11 +723,16 @@ class Worker:
 
     def _wait_acknowledged(self, futures: list[Any]) -> None:
         assert self.producer is not None
-        self.producer.flush(timeout=self._op_timeout_s())
-        failed = [f for f in futures if not f.is_done or f.failed()]
-        if failed:
-            first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
-            raise DeliveryFailed(f"{len(failed)} of {len(futures)} outputs failed: {first}")
+        with contextlib.suppress(KafkaTimeoutError):  # judged by the futures below
+            self.producer.flush(timeout=self._op_timeout_s())
+        failed = [f for f in futures if f.is_done and f.failed()]
+        pending = [f for f in futures if not f.is_done]
+        if failed or pending:
+            first = failed[0].exception if failed else "not acknowledged in time"
+            raise DeliveryFailed(
+                f"{len(failed) + len(pending)} of {len(futures)} outputs not acknowledged: {first}",
+                only_pending=not failed,
+            )
 
     def _send_all(self, result: BatchResult, into: list[Any]) -> None:
         """Hand a batch's outputs to the producer, appending each future to ``into`` as it
@@ -835,11 +853,18 @@ class Worker:
         assigned = list(self.consumer.assignment())
         if not assigned:
             self.health.update(lag=0)
+            # Still prove the broker answers: a client may drop its assignment during an
+            # outage (librdkafka does), and then nothing else would start the give-up clock.
+            try:
+                self.consumer.partitions_for_topic(self.cfg.kafka.input_topics[0])
+            except KafkaError as e:
+                self._kafka_error("metadata", e, quiet=self._outage_since is not None)
             return
         try:
             ends = self.consumer.end_offsets(assigned, timeout_ms=5000)
         except (KafkaTimeoutError, KafkaError) as e:
-            self._kafka_error("end_offsets", e)
+            # One line when an outage starts; the rest of it is counted, not logged.
+            self._kafka_error("end_offsets", e, quiet=self._outage_since is not None)
             return
         if not self._unc.resend and self._unc.failed is None:
             self._outage_over()
