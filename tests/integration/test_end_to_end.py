@@ -5,7 +5,6 @@ simulated fleet with injected anomalies, run the worker, check events, offsets a
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jsonschema
@@ -45,6 +44,12 @@ def test_train_stream_detect_commit(broker: Broker, tmp_path: Path) -> None:
                     "seed": 1,
                 },
                 "threshold": {"method": "mean_k_std", "k": 2.0},
+                # This test checks the pipeline end to end (every injected reading has its
+                # event, by id); it pins the random holdout it was written for. With the
+                # chronological default the threshold comes from the training period's tail
+                # and is higher here: the first 3 readings of one ramping segment stay below
+                # it (the trade-off is measured in docs/detection.md).
+                "split": {"shuffle": True},
             }
         )
     )
@@ -52,7 +57,9 @@ def test_train_stream_detect_commit(broker: Broker, tmp_path: Path) -> None:
     det = result.detector
 
     per_device = 500
-    start = int(time.time() * 1000) - per_device * 1000
+    # A fixed event time: the simulated signal depends on it, so a moving start made the
+    # stream (and which marginal injected readings clear the threshold) differ per run.
+    start = 1_795_000_000_000
     live = FleetSpec(devices=8, sensors=16, seed=21, start_ms=start)
     readings = list(stream(live, readings_per_device=per_device, anomaly_fraction=0.04))
     topics = {
@@ -73,7 +80,7 @@ def test_train_stream_detect_commit(broker: Broker, tmp_path: Path) -> None:
             "instance_id": "e2e",
         },
         model={"registry": str(tmp_path / "registry"), "name": "sensors"},
-        reading={"max_past_s": 86400.0},
+        reading={"max_past_s": 1e10},
         http={"enabled": False},
     )
     w = WorkerProcess(cfg, tmp_path / "worker.log")
