@@ -7,6 +7,7 @@ Ground truth comes from the seeded simulator; outputs are read back with conflue
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -369,7 +370,19 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
     topics = _topics(broker, partitions=4)
     group = broker.new_group()
     readings = list(stream(_spec(10000), readings_per_device=10000, anomaly_fraction=0.02))
-    _produce(broker, topics["in"], readings)  # 80k readings
+    _produce(broker, topics["in"], readings[:10_000])
+    # The rest keeps arriving for ~10 s, so the second member joins mid-stream however fast
+    # the first one scores (a worker on the confluent client finished 80k readings before a
+    # second process had started).
+    rest = readings[10_000:]
+
+    def feed() -> None:
+        step = len(rest) // 25 + 1
+        for i in range(0, len(rest), step):
+            _produce(broker, topics["in"], rest[i : i + step])
+            time.sleep(0.4)
+
+    feeder = threading.Thread(target=feed, daemon=True)
     slow = {"max_size": 32, "max_wait_ms": 5}
     # Commit only every 2 s, so w1 surely holds scored, uncommitted batches at the revoke.
     env = {"SENSOR_ANOMALY_KAFKA__COMMIT_INTERVAL_MS": "2000"}
@@ -378,6 +391,7 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
         tmp_path / "w1.log",
         env=env,
     )
+    feeder.start()
     deadline = time.monotonic() + 60
     while sum(v for v in broker.committed(group, topics["in"]).values() if v > 0) < 1000:
         assert time.monotonic() < deadline and w1.alive(), w1.log()[-3000:]
@@ -389,6 +403,7 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
         env=env,
     )
     try:
+        feeder.join(timeout=120)
         wait_until_committed(broker, group, topics["in"], [w1, w2], timeout=150)
     finally:
         rc1, rc2 = w1.terminate(), w2.terminate()
