@@ -17,7 +17,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, KafkaTimeoutError
-from kafka.structs import MemberState
+from kafka.structs import ConsumerGroupMetadata, MemberState
 
 from worker.config import WorkerConfig, kafka_security_kwargs
 
@@ -154,10 +154,21 @@ def membership(consumer: KafkaConsumer) -> Any | None:
     generation -1 skips the broker's KIP-447 fencing and would rewind the group's offsets.
     Such a member must not commit.
     """
-    gm = consumer.group_metadata()
-    if gm.generation_id is None or gm.generation_id < 0 or not gm.member_id:
+    # Read without the coordinator's lock: this runs inside rebalance listeners, on the
+    # client's I/O thread, while another thread may hold that lock waiting for the I/O
+    # thread (``consumer.group_metadata()`` there deadlocked a worker mid-join: assigned,
+    # revoked at once, then silent until evicted). One attribute read is atomic.
+    coord = consumer._coordinator
+    gen = coord._generation
+    if gen.generation_id is None or gen.generation_id < 0 or not gen.member_id:
         return None
-    return gm
+    return ConsumerGroupMetadata(
+        group_id=coord.group_id,
+        generation_id=gen.generation_id,
+        member_id=gen.member_id,
+        group_instance_id=coord.group_instance_id,
+        state=coord.state,
+    )
 
 
 def is_stable_member(consumer: KafkaConsumer) -> bool:
