@@ -212,6 +212,7 @@ class Worker:
         # (set where re-creating is impossible: the rebalance listener's thread).
         self._needs_reset: str = ""
         self._delivery_failures = 0
+        self._last_rejoin = 0.0
         self.batches_done = 0
         self.readings_done = 0
 
@@ -842,10 +843,53 @@ class Worker:
     def _housekeeping(self) -> None:
         assert self.consumer is not None
         self.health.set_member(self.client.is_stable_member(self.consumer))
+        self._maybe_rejoin()
         self._refresh_lag()
         self._check_give_up()
         self._maybe_reload()
         self.metrics.ready.set(1 if self.health.readiness()[0] else 0)
+
+    def _maybe_rejoin(self) -> None:
+        """Re-create the consumer when a join has not completed for a long time.
+
+        Seen with kafka-python under load: a member assigned, revoked at once by a second
+        rebalance, then never rejoining until evicted. Past ``3 × session timeout`` (at
+        least 30 s) without a stable membership, and only while the broker answers, the
+        consumer is closed and a new one joins; whatever is held is dropped (at least once:
+        replayed by the next owner; exactly once: its transaction aborted by the reset).
+        Liveness (``kafka.rejoin_stuck_s``) stays the last resort.
+        """
+        since = self.health.unstable_since
+        limit = max(30.0, 3 * self.cfg.kafka.session_timeout_ms / 1000)
+        now = time.monotonic()
+        if since is None or now - since < limit or now - self._last_rejoin < limit:
+            return
+        if self._outage_since is not None or self._stop:
+            return
+        self._last_rejoin = now
+        log.warning(
+            "not a stable group member for %.0fs: re-creating the consumer to rejoin",
+            now - since,
+        )
+        self.metrics.kafka_errors.labels(kind="RejoinStuck").inc()
+        if self._eos and (self._unc.results or self._unc.in_transaction):
+            self._needs_reset = "consumer re-created"
+        self._unc, self._pending = _Uncommitted(), _Pending()
+        old = self.consumer
+        self._forget(list(old.assignment()))
+        if self.stage is not None:
+            self.stage.revoked(list(old.assignment()))
+        try:  # bounded; the old member is being thrown away whatever it says
+            old.close(autocommit=False, timeout_ms=2000)
+        except Exception:
+            log.debug("close of the stuck consumer failed", exc_info=True)
+        self.consumer = None
+        consumer = self._build(self._consumer_factory, "consumer restart")
+        if consumer is None:
+            raise _Abandoned()
+        self.consumer = consumer
+        self._await_input_metadata()
+        consumer.subscribe(list(self.cfg.kafka.input_topics), listener=_Listener(self))
 
     def _refresh_lag(self) -> None:
         """Ask the broker for log-end offsets: measures lag and proves the broker answers."""
