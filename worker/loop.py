@@ -213,6 +213,7 @@ class Worker:
         self._needs_reset: str = ""
         self._delivery_failures = 0
         self._last_rejoin = 0.0
+        self._dropped_from: dict[TopicPartition, int] = {}
         self.batches_done = 0
         self.readings_done = 0
 
@@ -664,8 +665,11 @@ class Worker:
         self._needs_reset = ""
         dropped, pending = self._unc, self._pending
         self._unc, self._pending = _Uncommitted(), _Pending()
-        fallback = dict(pending.first_offset)
-        fallback.update(dropped.first_offset)
+        fallback = dict(self._dropped_from)
+        self._dropped_from = {}
+        for src in (pending.first_offset, dropped.first_offset):
+            for tp, off in src.items():
+                fallback[tp] = min(off, fallback.get(tp, off))
         self.metrics.kafka_errors.labels(kind="TransactionReset").inc()
         if self.stage is not None:
             self.stage.reset()
@@ -872,9 +876,7 @@ class Worker:
             now - since,
         )
         self.metrics.kafka_errors.labels(kind="RejoinStuck").inc()
-        if self._eos and (self._unc.results or self._unc.in_transaction):
-            self._needs_reset = "consumer re-created"
-        self._unc, self._pending = _Uncommitted(), _Pending()
+        self._drop_all("consumer re-created")
         old = self.consumer
         self._forget(list(old.assignment()))
         if self.stage is not None:
@@ -1012,6 +1014,11 @@ class Worker:
     def _drop_all(self, why: str) -> None:
         if self._eos and (self._unc.in_transaction or self._unc.results):
             self._needs_reset = why
+        # Where the dropped records began: the reset seeks there for a partition that has
+        # no committed offset yet (nothing else would say where to resume).
+        for src in (self._pending.first_offset, self._unc.first_offset):
+            for tp, off in src.items():
+                self._dropped_from[tp] = min(off, self._dropped_from.get(tp, off))
         self._unc, self._pending = _Uncommitted(), _Pending()
 
     def _forget(self, tps: list[TopicPartition]) -> None:
