@@ -333,14 +333,21 @@ class Worker:
         self.producer = self._new_producer()
         if self.producer is None or (self._eos and not self._init_transactions(self.producer)):
             return False
-        self.consumer = self._build(self._consumer_factory, "consumer start")
+        if not self._join_group("consumer start"):
+            return False
+        if self.stage is not None:  # before the first poll, which restores assigned state
+            parts = self.consumer.partitions_for_topic(k.input_topics[0]) or {0}
+            self.stage.start(len(parts))
+        return True
+
+    def _join_group(self, what: str) -> bool:
+        """Build the consumer and subscribe it (the join happens in the next poll).
+        False if stopped meanwhile."""
+        self.consumer = self._build(self._consumer_factory, what)
         if self.consumer is None:
             return False
         self._await_input_metadata()
-        if self.stage is not None:
-            parts = self.consumer.partitions_for_topic(k.input_topics[0]) or {0}
-            self.stage.start(len(parts))
-        self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
+        self.consumer.subscribe(list(self.cfg.kafka.input_topics), listener=_Listener(self))
         return True
 
     def _await_input_metadata(self) -> None:
@@ -886,12 +893,8 @@ class Worker:
         except Exception:
             log.debug("close of the stuck consumer failed", exc_info=True)
         self.consumer = None
-        consumer = self._build(self._consumer_factory, "consumer restart")
-        if consumer is None:
+        if not self._join_group("consumer restart"):
             raise _Abandoned()
-        self.consumer = consumer
-        self._await_input_metadata()
-        consumer.subscribe(list(self.cfg.kafka.input_topics), listener=_Listener(self))
 
     def _refresh_lag(self) -> None:
         """Ask the broker for log-end offsets: measures lag and proves the broker answers."""
