@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient
+from kafka import TopicPartition
 
 from worker.alertmanager import AlertmanagerClient
-from worker.config import WorkerConfig, kafka_security_kwargs
+from worker.clients import ClientAdapter, adapter_for
+from worker.config import WorkerConfig
 from worker.incidents import (
     IncidentEvent,
     IncidentOutput,
@@ -43,7 +43,7 @@ from worker.incidents import (
     encode_incident_event,
 )
 from worker.records import OutputMessage
-from worker.state.store import StateStore, changelog_topic_name, ensure_changelog_topic
+from worker.state.store import StateStore, changelog_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,12 @@ class StatefulStage:
         alerts: AlertmanagerClient | None = None,
         on_incidents: Callable[[list[IncidentEvent], Any], None] | None = None,
         on_restore: Callable[[int, int, int, float], None] | None = None,
+        client: ClientAdapter | None = None,
     ) -> None:
         self.cfg = cfg
+        # The changelog is read and created with the worker's own Kafka library, so its
+        # security settings and client behaviour are the ones the user chose.
+        self.client = client or adapter_for(cfg)
         self.tracker = tracker
         self.memory = memory
         self.alerts = alerts
@@ -86,35 +90,9 @@ class StatefulStage:
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def _admin(self) -> KafkaAdminClient:
-        k = self.cfg.kafka
-        return KafkaAdminClient(
-            bootstrap_servers=k.bootstrap_servers.split(","),
-            client_id=f"{k.client_id}-state-admin",
-            bootstrap_timeout_ms=10_000,
-            **kafka_security_kwargs(k),
-        )
-
-    def _restore_consumer(self) -> KafkaConsumer:
-        k = self.cfg.kafka
-        return KafkaConsumer(
-            bootstrap_servers=k.bootstrap_servers.split(","),
-            group_id=None,
-            client_id=f"{k.client_id}-state-restore",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-            **kafka_security_kwargs(k),
-        )
-
     def start(self, input_partitions: int) -> None:
         """Create (or check) the compacted changelog topic; start Alertmanager delivery."""
-        created = ensure_changelog_topic(
-            self._admin,
-            self.topic,
-            max(1, input_partitions),
-            replication_factor=self.cfg.kafka.topic_replication,
-        )
+        created = self.client.ensure_changelog(self.cfg, self.topic, max(1, input_partitions))
         if created:
             log.info("created changelog topic %s (%d partitions)", self.topic, input_partitions)
         if self.alerts is not None:
@@ -152,7 +130,9 @@ class StatefulStage:
         from worker.memory import MEMORY_KEY_PREFIX
 
         for p in sorted(self._to_restore):
-            stats = self.store.restore(self._restore_consumer, self.topic, p)
+            stats = self.store.restore(
+                lambda: self.client.build_restore_consumer(self.cfg), self.topic, p
+            )
             items = self.store.items(p)
             if self.tracker is not None:
                 self.tracker.load_partition(

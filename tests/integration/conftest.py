@@ -24,6 +24,9 @@ BOTH_CLIENTS = frozenset(
         "tests.integration.test_worker_reliability",
         "tests.integration.test_worker_lifecycle",
         "tests.integration.test_worker_startup",
+        # Incidents and their durable state: the changelog is created and restored with the
+        # worker's own client (StatefulStage uses the adapter).
+        "tests.integration.test_incidents_kafka",
     }
 )
 # (module, test) pairs that run on kafka-python only (see the module docstring).

@@ -148,3 +148,66 @@ def test_changelog_restore_round_trip_size_and_time(broker: Broker) -> None:
     # Restoring a partition the changelog does not have is a clear error, not a hang.
     with pytest.raises(ChangelogError, match="no partition 7"):
         StateStore().restore(_consumer(bootstrap), topic, 7)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_each_client_creates_checks_and_restores_the_changelog(broker: Broker, client: str) -> None:
+    """The worker reads and creates its changelog with its own Kafka library
+    (``kafka.client``): both adapters give the same restore, including a partition that ends
+    with an aborted transaction's marker and one that ends with a commit marker (librdkafka's
+    position never reaches such an end by counting messages)."""
+    from worker.clients import adapter_for
+    from worker.config import load_config
+
+    cfg = load_config(
+        env={
+            "SENSOR_ANOMALY_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "SENSOR_ANOMALY_KAFKA__CLIENT": client,
+            "SENSOR_ANOMALY_KAFKA__GROUP_ID": f"g-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    adapter = adapter_for(cfg)
+    topic = f"test-changelog-{client}-{uuid.uuid4().hex[:8]}"
+    assert adapter.ensure_changelog(cfg, topic, 2) is True
+    assert adapter.ensure_changelog(cfg, topic, 2) is False
+    with pytest.raises(ChangelogError, match="has 2 partitions, the input has 3"):
+        adapter.ensure_changelog(cfg, topic, 3)
+    plain = f"{topic}-plain"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        from kafka.admin import NewTopic
+
+        admin.create_topics([NewTopic(plain, 1, 1)])
+    finally:
+        admin.close()
+    with pytest.raises(ChangelogError, match=r"cleanup\.policy=delete"):
+        adapter.ensure_changelog(cfg, plain, 1)
+
+    producer = KafkaProducer(
+        bootstrap_servers=broker.bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}"
+    )
+    producer.init_transactions()
+    try:
+        producer.begin_transaction()
+        for i in range(500):
+            producer.send(topic, key=f"d{i % 50}".encode(), value=f"v{i}".encode(), partition=0)
+            producer.send(topic, key=f"e{i % 7}".encode(), value=f"w{i}".encode(), partition=1)
+        producer.send(topic, key=b"d3", value=None, partition=0)  # a tombstone
+        producer.commit_transaction()
+        producer.begin_transaction()
+        producer.send(topic, key=b"d1", value=b"aborted", partition=0)
+        producer.send(topic, key=b"ghost", value=b"aborted", partition=0)
+        producer.flush()
+        producer.abort_transaction()
+    finally:
+        producer.close()
+
+    expected0 = {f"d{i}": f"v{450 + i}".encode() for i in range(50) if i != 3}
+    expected1 = {f"e{i}": f"w{max(j for j in range(500) if j % 7 == i)}".encode() for i in range(7)}
+    for p, want in ((0, expected0), (1, expected1)):
+        store = StateStore()
+        stats = store.restore(lambda: adapter.build_restore_consumer(cfg), topic, p, timeout_s=30)
+        assert dict(store.items(p)) == want
+        assert stats.keys == len(want)
+    with pytest.raises(ChangelogError, match="no partition 5"):
+        StateStore().restore(lambda: adapter.build_restore_consumer(cfg), topic, 5)

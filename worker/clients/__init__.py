@@ -53,6 +53,19 @@ class ClientAdapter(Protocol):
 
     def abort_transaction(self, producer: Any, timeout_s: float) -> None: ...
 
+    def build_restore_consumer(self, cfg: WorkerConfig) -> Any:
+        """A group-less, ``read_committed`` consumer with the subset of ``KafkaConsumer``
+        that :meth:`worker.state.StateStore.restore` uses (``partitions_for_topic``,
+        ``assign``, ``seek_to_beginning``, ``end_offsets`` = last stable offsets,
+        ``position`` = next offset past every record and control marker read, ``poll``,
+        ``close``)."""
+        ...
+
+    def ensure_changelog(self, cfg: WorkerConfig, topic: str, partitions: int) -> bool:
+        """Create or check the compacted changelog topic (True if created); raises
+        ChangelogError if it exists with fewer partitions or without compaction."""
+        ...
+
 
 _MODULES = {"kafka-python": "worker.clients.kafka_python", "confluent": "worker.clients.confluent"}
 

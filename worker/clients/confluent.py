@@ -63,14 +63,17 @@ __all__ = [
     "Consumer",
     "Producer",
     "Record",
+    "RestoreConsumer",
     "StartupError",
     "TxnOutcomeUnknown",
     "abort_transaction",
     "build_consumer",
     "build_producer",
+    "build_restore_consumer",
     "commit_in_listener",
     "commit_transaction",
     "consumer_config",
+    "ensure_changelog",
     "ensure_topics",
     "is_stable_member",
     "membership",
@@ -958,3 +961,171 @@ def _create(
                 "(check the broker's log and kafka.topic_replication)"
             )
         time.sleep(0.2)
+
+
+# -- the state store's changelog ------------------------------------------------------------
+
+
+class RestoreConsumer:
+    """A group-less ``read_committed`` reader of changelog partitions for
+    :meth:`worker.state.StateStore.restore` (the part of ``KafkaConsumer`` it uses).
+
+    Why not :class:`Consumer`: librdkafka's ``position()`` counts delivered messages only, so a
+    changelog partition that ends with a transaction marker (every exactly-once commit writes
+    one) would never reach its end offset. This reader asks for partition-EOF events and moves
+    its position to the offset each reports, which under ``read_committed`` is the last stable
+    offset. librdkafka needs a ``group.id`` even for a consumer that only assigns; this one
+    never joins (no ``subscribe``) and never commits.
+    """
+
+    def __init__(self, conf: Mapping[str, Any], op_timeout_s: float = 10.0) -> None:
+        self._op_timeout_s = op_timeout_s
+        self._c = _construct(ck.Consumer, {**conf, "logger": _client_log})
+        self._pos: dict[tuple[str, int], int] = {}
+        self._tps: list[TopicPartition] = []
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        try:
+            md = self._c.list_topics(topic, timeout=self._op_timeout_s).topics.get(topic)
+        except ck.KafkaException as e:
+            raise translate(e) from None
+        if md is None or md.error is not None or not md.partitions:
+            return None
+        return set(md.partitions)
+
+    def assign(self, tps: Iterable[TopicPartition]) -> None:
+        self._tps = list(tps)
+
+    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        try:
+            wm = self._c.get_watermark_offsets(
+                ck.TopicPartition(tp.topic, tp.partition),
+                timeout=self._op_timeout_s,
+                cached=False,
+            )
+        except ck.KafkaException as e:
+            raise translate(e) from None
+        if wm is None:
+            raise KafkaTimeoutError(f"watermarks of {tp} not returned in {self._op_timeout_s}s")
+        return int(wm[0]), int(wm[1])
+
+    def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        parts = list(tps) or self._tps
+        for tp in parts:
+            self._pos[(tp.topic, tp.partition)] = self._watermarks(tp)[0]
+        try:
+            self._c.assign(
+                [ck.TopicPartition(tp.topic, tp.partition, ck.OFFSET_BEGINNING) for tp in parts]
+            )
+        except ck.KafkaException as e:
+            raise translate(e) from None
+
+    def end_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Last stable offsets: librdkafka's ListOffsets uses the reader's isolation level."""
+        return {tp: self._watermarks(tp)[1] for tp in tps}
+
+    def position(self, tp: TopicPartition) -> int:
+        return self._pos.get((tp.topic, tp.partition), 0)
+
+    def poll(
+        self, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Record]]:
+        n = max(1, max_records or 500)
+        try:
+            first = self._c.poll(max(0, timeout_ms) / 1000)
+            msgs = [] if first is None else [first]
+            if first is not None and n > 1:
+                msgs.extend(self._c.consume(n - 1, 0))
+        except ck.KafkaException as e:
+            raise translate(e) from None
+        out: dict[TopicPartition, list[Record]] = {}
+        for m in msgs:
+            t, p = m.topic(), m.partition()
+            key = (t, p)
+            err = m.error()
+            if err is not None:
+                if err.code() == _E._PARTITION_EOF:
+                    self._pos[key] = max(self._pos.get(key, 0), int(m.offset()))
+                    continue
+                raise translate(err)
+            self._pos[key] = int(m.offset()) + 1
+            out.setdefault(TopicPartition(t, p), []).append(Record(m, t, p))
+        return out
+
+    def close(self) -> None:
+        try:
+            _run_bounded(self._c.close, self._op_timeout_s, "restore consumer close")
+        except KafkaTimeoutError:
+            log.warning("restore consumer close did not complete in %.0f s", self._op_timeout_s)
+
+
+def build_restore_consumer(cfg: WorkerConfig) -> RestoreConsumer:
+    k = cfg.kafka
+    return RestoreConsumer(
+        {
+            **_common_config(k, f"{k.client_id}-state-restore"),
+            "group.id": f"{k.group_id}-state-restore",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            # An aborted transaction's state must not come back.
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "max.partition.fetch.bytes": k.max_partition_fetch_bytes,
+        }
+    )
+
+
+def ensure_changelog(cfg: WorkerConfig, topic: str, partitions: int) -> bool:
+    """Create (or check) the compacted changelog ``topic``; True if it was created.
+
+    Same contract and messages as ``worker.state.store.ensure_changelog_topic``.
+
+    Raises:
+        ChangelogError: it exists with fewer partitions or without ``cleanup.policy=compact``.
+        KafkaError: the broker did not answer.
+    """
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    from worker.state.store import ChangelogError
+
+    k = cfg.kafka
+    timeout_s = 10.0
+    admin = AdminClient({**_common_config(k, f"{k.client_id}-state-admin"), "logger": _client_log})
+    fut = admin.create_topics(
+        [
+            NewTopic(
+                topic,
+                num_partitions=max(1, partitions),
+                replication_factor=k.topic_replication,
+                config={"cleanup.policy": "compact"},
+            )
+        ],
+        request_timeout=timeout_s,
+    )[topic]
+    try:
+        fut.result(timeout=timeout_s + 1)
+        return True
+    except ck.KafkaException as e:
+        if e.args[0].code() != _E.TOPIC_ALREADY_EXISTS:
+            raise translate(e) from None
+    except concurrent.futures.TimeoutError:
+        raise KafkaTimeoutError(f"creating {topic} not answered in {timeout_s:g}s") from None
+    try:
+        have = _existing(admin, [topic], timeout_s).get(topic, 0)
+        res = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+        entries = next(iter(res.values())).result(timeout=timeout_s)
+    except ck.KafkaException as e:
+        raise translate(e) from None
+    if have < partitions:
+        raise ChangelogError(
+            f"changelog topic {topic!r} has {have} partitions, the input has {partitions}; "
+            "add partitions (kafka-topics --alter) or delete it"
+        )
+    entry = entries.get("cleanup.policy")
+    policy = None if entry is None else entry.value
+    if policy is not None and "compact" not in policy:
+        raise ChangelogError(
+            f"changelog topic {topic!r} has cleanup.policy={policy}; set it to compact"
+        )
+    return False

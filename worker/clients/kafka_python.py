@@ -188,6 +188,44 @@ def build_admin(cfg: WorkerConfig, timeout_ms: int) -> KafkaAdminClient:
     )
 
 
+def build_restore_consumer(cfg: WorkerConfig) -> KafkaConsumer:
+    """A consumer without a group for :meth:`worker.state.StateStore.restore` (changelog
+    partitions are assigned by hand and read to their end, ``read_committed``)."""
+    k = cfg.kafka
+    return KafkaConsumer(
+        bootstrap_servers=k.bootstrap_servers.split(","),
+        group_id=None,
+        client_id=f"{k.client_id}-state-restore",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+        **kafka_security_kwargs(k),
+    )
+
+
+def ensure_changelog(cfg: WorkerConfig, topic: str, partitions: int) -> bool:
+    """Create (or check) the compacted changelog ``topic``; True if it was created.
+
+    Raises:
+        ChangelogError: it exists mis-shaped (see ``ensure_changelog_topic``).
+    """
+    from worker.state.store import ensure_changelog_topic
+
+    k = cfg.kafka
+
+    def admin() -> KafkaAdminClient:
+        return KafkaAdminClient(
+            bootstrap_servers=k.bootstrap_servers.split(","),
+            client_id=f"{k.client_id}-state-admin",
+            bootstrap_timeout_ms=10_000,
+            **kafka_security_kwargs(k),
+        )
+
+    return ensure_changelog_topic(
+        admin, topic, max(1, partitions), replication_factor=k.topic_replication
+    )
+
+
 class _Diagnosis(logging.Handler):
     """Listens to kafka-python's connection log for causes it does not raise.
 

@@ -139,11 +139,12 @@ class StateStore:
     ) -> RestoreStats:
         """Rebuild ``partition`` from changelog ``topic`` (same partition), beginning to end.
 
-        ``consumer_factory()`` must return a kafka-python ``KafkaConsumer`` without a group
-        (``group_id=None``), ``enable_auto_commit=False`` and ``isolation_level=
-        'read_committed'`` (an aborted transaction's state must not come back); it is closed
-        here. The end is the partition's end offset when the restore starts (the last stable
-        offset under read_committed): the store's owner is the only writer.
+        ``consumer_factory()`` must return a consumer with kafka-python's interface, without
+        a group and with ``read_committed`` isolation (an aborted transaction's state must
+        not come back): a ``KafkaConsumer`` or the client adapter's
+        ``build_restore_consumer`` (worker/clients); it is closed here. The end is the
+        partition's end offset when the restore starts (the last stable offset under
+        read_committed): the store's owner is the only writer.
 
         Raises:
             ChangelogError: the partition does not exist, or its end was not reached in
@@ -223,7 +224,17 @@ def ensure_changelog_topic(
                 f"changelog topic {topic!r} has {have} partitions, the input has {partitions}; "
                 "add partitions (kafka-topics --alter) or delete it"
             )
-        res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        # kafka-python 3 lists only modified keys by default: a topic left at the broker's
+        # default (delete) would look like it has no policy at all and pass the check.
+        try:
+            res = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic, configs=["cleanup.policy"])],
+                config_filter="all",
+            )
+        except TypeError:  # kafka-python 2.x: no filter, every key is listed
+            res = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic, configs=["cleanup.policy"])]
+            )
         policy = _config_value(res, "cleanup.policy")
         if policy is not None and "compact" not in policy:
             raise ChangelogError(
@@ -235,7 +246,17 @@ def ensure_changelog_topic(
 
 
 def _config_value(response: Any, name: str) -> str | None:
-    """Pull one config value out of kafka-python's describe_configs response (any shape)."""
+    """Pull one config value out of kafka-python's describe_configs response (any shape).
+
+    kafka-python 3: ``{"topic": {name: {key: {"value": ...}}}}``; 2.x: a list of responses
+    whose ``resources`` rows end in ``(key, value, …)`` entries.
+    """
+    if isinstance(response, dict) and "topic" in response:
+        for configs in response["topic"].values():
+            entry = configs.get(name) if isinstance(configs, dict) else None
+            if isinstance(entry, dict) and entry.get("value") is not None:
+                return str(entry["value"])
+        return None
     for resp in response if isinstance(response, list) else [response]:
         resources = getattr(resp, "resources", None)
         if resources is None and isinstance(resp, dict):
