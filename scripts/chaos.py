@@ -108,6 +108,16 @@ def table(results: list[dict[str, object]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _write_docs(md: str) -> None:
+    """Replace the generated table of docs/reliability.md."""
+    doc = REPO / "docs" / "reliability.md"
+    text = doc.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _old, tail = rest.split(END, 1)
+        doc.write_text(f"{head}{BEGIN}\n{md}{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
@@ -118,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readings", type=int, help="good readings per run")
     p.add_argument("--rate", type=float, help="records/s produced during a run")
     p.add_argument("--runs", type=int, default=1, help="repeat the whole selection")
+    p.add_argument(
+        "--client",
+        choices=("kafka-python", "confluent"),
+        help="kafka.client of the workers (default: $SENSOR_ANOMALY_KAFKA__CLIENT or kafka-python)",
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--worker-ref", help="git ref to run the workers from (default: working tree)")
     p.add_argument("--out", type=Path, default=REPO / ".cache" / "chaos" / "results")
@@ -166,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     readings = args.readings or prof.readings
     rate = args.rate or prof.rate
+    if args.client:  # the workers inherit the environment (tests/chaos/procs.py)
+        os.environ["SENSOR_ANOMALY_KAFKA__CLIENT"] = args.client
+    client = os.environ.get("SENSOR_ANOMALY_KAFKA__CLIENT", "kafka-python")
     sha = os.environ.get("CHAOS_WORKER_SHA") or _git("rev-parse", "HEAD")
     dirty = (
         ""
@@ -181,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port_pair()
     broker = PrivateBroker(work / "broker", port)
     print(
-        f"[chaos] worker code {sha[:12]}{dirty}; private broker on 127.0.0.1:{port}; "
+        f"[chaos] worker code {sha[:12]}{dirty} on {client}; private broker on 127.0.0.1:{port}; "
         f"logs under {work}",
         flush=True,
     )
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "worker_commit": sha + dirty,
+        "client": client,
         "profile": args.profile,
         "readings": readings,
         "rate": rate,
@@ -220,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "scripts/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     md = (
-        f"Measured {meta['date']} on worker commit `{meta['worker_commit']}`, "
+        f"Measured {meta['date']} on worker commit `{meta['worker_commit']}` "
+        f"(kafka.client {client}), "
         f"profile {args.profile}, {readings:,} readings per run at {rate:.0f} records/s, "
         f"seed {args.seed}, {args.runs} run(s), "
         f"{meta['minutes']} min. Command: `{meta['command']}`.\n\n" + table(results)
@@ -232,12 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(md)
     if args.write_docs:
-        doc = REPO / "docs" / "reliability.md"
-        text = doc.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _old, tail = rest.split(END, 1)
-            doc.write_text(f"{head}{BEGIN}\n{md}{END}{tail}")
+        _write_docs(md)
     return 0 if all(r["passed"] for r in results) else 1
 
 
