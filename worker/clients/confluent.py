@@ -284,6 +284,20 @@ def _construct(cls: Any, conf: dict[str, Any]) -> Any:
 # -- records ---------------------------------------------------------------------------------
 
 
+def _fetch(c: Any, timeout_ms: int, max_records: int | None) -> list[Any]:
+    """Up to ``max_records`` (default 500) messages: wait up to ``timeout_ms`` for the first,
+    then take what is already fetched (``consume(n, timeout)`` would wait for all ``n``)."""
+    n = max(1, max_records or 500)
+    try:
+        first = c.poll(max(0, timeout_ms) / 1000)
+        msgs = [] if first is None else [first]
+        if first is not None and n > 1:
+            msgs.extend(c.consume(n - 1, 0))
+    except ck.KafkaException as e:
+        raise translate(e) from None
+    return msgs
+
+
 class Record:
     """A consumed record with kafka-python's ``ConsumerRecord`` attributes (a view).
 
@@ -425,14 +439,7 @@ class Consumer:
         Raises a ``KafkaError`` for a fatal client error, refused credentials, or (at most
         every 10 s) all brokers being down.
         """
-        n = max(1, max_records or 500)
-        try:
-            first = self._c.poll(max(0, timeout_ms) / 1000)
-            msgs = [] if first is None else [first]
-            if first is not None and n > 1:
-                msgs.extend(self._c.consume(n - 1, 0))
-        except ck.KafkaException as e:
-            raise translate(e) from None
+        msgs = _fetch(self._c, timeout_ms, max_records)
         if self._error is not None:
             err, self._error = self._error, None
             if not msgs:
@@ -1030,14 +1037,7 @@ class RestoreConsumer:
     def poll(
         self, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[Record]]:
-        n = max(1, max_records or 500)
-        try:
-            first = self._c.poll(max(0, timeout_ms) / 1000)
-            msgs = [] if first is None else [first]
-            if first is not None and n > 1:
-                msgs.extend(self._c.consume(n - 1, 0))
-        except ck.KafkaException as e:
-            raise translate(e) from None
+        msgs = _fetch(self._c, timeout_ms, max_records)
         out: dict[TopicPartition, list[Record]] = {}
         for m in msgs:
             t, p = m.topic(), m.partition()
