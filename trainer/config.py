@@ -190,6 +190,29 @@ class ModelConfig:
         ge=1,
         le=512,
     )
+    architecture: Literal["dense", "conv1d"] = setting(
+        "dense",
+        "dense = dense layers (on the flattened window when window > 1); conv1d = a 1-D "
+        "convolutional autoencoder over the (window, features) input, shaped like SKAB's "
+        "published Conv-AE (needs window >= 4, a multiple of conv_stride ** len(conv_filters))",
+    )
+    conv_filters: tuple[int, ...] = setting(
+        (32, 16),
+        "conv1d: encoder Conv1D filters; the decoder mirrors them with Conv1DTranspose, then a "
+        "Conv1DTranspose to the feature count (SKAB's Conv-AE: 32, 16)",
+        ge=1,
+    )
+    conv_kernel: int = setting(7, "conv1d: kernel size of every convolution", ge=1, le=64)
+    conv_stride: int = setting(
+        2, "conv1d: stride of the encoder convolutions and their mirrors", ge=1, le=8
+    )
+    conv_dropout: float = setting(
+        0.2,
+        "conv1d: dropout after each encoder/decoder convolution but the innermost and the "
+        "last (training only; SKAB's Conv-AE: 0.2)",
+        ge=0,
+        lt=1,
+    )
     step_units: int | None = setting(
         None,
         "windowed models: width of a per-reading layer shared by every step of the window "
@@ -617,6 +640,21 @@ def _check_temporal(cfg: TrainConfig) -> None:
         )
 
 
+def _check_conv(m: ModelConfig) -> None:
+    """A conv1d model must give back as many time steps as it was given."""
+    if m.architecture != "conv1d":
+        return
+    if not m.conv_filters:
+        raise ConfigError("model.conv_filters is empty", "give at least one filter count")
+    factor = m.conv_stride ** len(m.conv_filters)
+    if m.window < 4 or m.window % factor:
+        raise ConfigError(
+            f"model.architecture conv1d needs model.window >= 4 and a multiple of "
+            f"{factor} (conv_stride ** len(conv_filters)), got {m.window}",
+            f"set model.window to a multiple of {factor}, e.g. 60 (SKAB's Conv-AE)",
+        )
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks that one field's type and bounds cannot express."""
     from detector.artifact import validate_name  # light import: no TensorFlow
@@ -666,6 +704,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "use output_activation linear (or auto) with scaler standard",
         )
     _check_temporal(cfg)
+    _check_conv(cfg.model)
     _check_tune(cfg.tune)
     e = cfg.evaluate
     if e.path is not None:

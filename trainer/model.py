@@ -1,4 +1,4 @@
-"""The Keras dense autoencoder: build it from config, seed it, fit it with early stopping.
+"""The Keras autoencoders (dense or 1-D convolutional): build, seed and fit one.
 
 TensorFlow is imported lazily (:func:`import_keras`), after the config and the data have
 been checked, so a user error is reported in well under a second and without TensorFlow's
@@ -98,6 +98,8 @@ def build_autoencoder(
     steps × step_units``) and its mirror last (``steps × step_units → steps × d``), so the
     costly full-width layers see ``steps × step_units`` values instead of ``steps × d``.
     """
+    if hp.architecture == "conv1d":
+        return build_conv_autoencoder(n_features, hp, output_activation, steps)
     if hp.hidden is None or hp.code_size is None:
         # Auto shapes depend on the input width: trainer.pipeline.resolve_shape fills them.
         raise ValueError("model.hidden / model.code_size must be resolved before building")
@@ -133,6 +135,53 @@ def build_autoencoder(
     else:
         out = dense(n_features, "reconstruction", output_activation)(h)
     model = keras.Model(inputs, out, name="autoencoder")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=hp.learning_rate), loss="mse")
+    return model
+
+
+def build_conv_autoencoder(
+    n_inputs: int, hp: ModelConfig, output_activation: str, steps: int
+) -> Any:
+    """A compiled 1-D convolutional autoencoder over windows of ``steps`` readings.
+
+    The input stays the flattened window (``steps × d`` values, oldest reading first), so
+    the trainer's data path and :meth:`detector.Detector.score_windows` are those of the
+    dense windowed models: ``Reshape((steps, d))`` → for each of ``hp.conv_filters``
+    ``Conv1D(f, conv_kernel, strides=conv_stride, padding="same", activation)`` → the
+    mirror ``Conv1DTranspose`` layers → ``Conv1DTranspose(d, conv_kernel, padding="same",
+    output_activation)`` → ``Flatten``. ``Dropout(conv_dropout)`` follows every
+    convolution but the innermost and the output one. With the defaults this is SKAB's
+    published Conv-AE (32 → 16 filters, kernel 7, stride 2, dropout 0.2, relu), except its
+    last layer, which has ``d`` filters here (the published one has 1 and is trained
+    against all ``d`` channels by broadcasting, so it can only reconstruct their mean).
+    Loss MSE, Adam(``hp.learning_rate``); ``hp.l2`` on every kernel.
+    """
+    keras = import_keras()
+    layers = keras.layers
+    if steps < 2 or n_inputs % steps:
+        raise ValueError(f"conv1d needs windows of >= 2 readings, got {steps} for {n_inputs}")
+    d = n_inputs // steps
+    reg = keras.regularizers.L2(hp.l2) if hp.l2 > 0 else None
+    conv = {"kernel_size": hp.conv_kernel, "padding": "same", "kernel_regularizer": reg}
+    filters = list(hp.conv_filters)
+    inputs = keras.Input(shape=(n_inputs,), name="reading")
+    h = layers.Reshape((steps, d), name="window")(inputs)
+    for i, f in enumerate(filters):
+        name = "code" if i == len(filters) - 1 else f"encoder_{i}"
+        h = layers.Conv1D(f, strides=hp.conv_stride, activation=hp.activation, name=name, **conv)(h)
+        if hp.conv_dropout > 0 and i < len(filters) - 1:
+            h = layers.Dropout(hp.conv_dropout, name=f"encoder_{i}_dropout")(h)
+    for i, f in enumerate(reversed(filters)):
+        h = layers.Conv1DTranspose(
+            f, strides=hp.conv_stride, activation=hp.activation, name=f"decoder_{i}", **conv
+        )(h)
+        if hp.conv_dropout > 0 and i < len(filters) - 1:
+            h = layers.Dropout(hp.conv_dropout, name=f"decoder_{i}_dropout")(h)
+    h = layers.Conv1DTranspose(
+        d, activation=output_activation, name="reconstruction_steps", **conv
+    )(h)
+    out = layers.Flatten(name="reconstruction")(h)
+    model = keras.Model(inputs, out, name="conv_autoencoder")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=hp.learning_rate), loss="mse")
     return model
 
