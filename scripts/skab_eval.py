@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,33 @@ def _worker_init() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
+def runs_ahead(a: np.ndarray, length: int) -> np.ndarray:
+    """``out[i] = all(a[i : i + length])``; False where fewer than ``length`` values remain."""
+    c = np.concatenate([[0], np.cumsum(np.asarray(a, dtype=np.int64))])
+    out = np.zeros(len(a), dtype=bool)
+    m = len(a) - length + 1
+    if m > 0:
+        out[:m] = (c[length:] - c[:m]) == length
+    return out
+
+
+# Point label mappings of a windowed model's window decisions (``--mappings``), besides
+# the default "end" (a reading's decision = the window ending at it, what the worker does):
+#   published  reading p flagged iff the w - 1 windows ending at p .. p + w - 2 all exceed
+#              the threshold: SKAB's Conv-AE notebook's rule ("data i is an anomaly if
+#              samples [(i - timesteps + 1) to (i)] are anomalies"); it needs w - 2 later
+#              readings, so a stream could only apply it w - 2 readings late.
+#   run        reading t flagged iff the w - 1 windows ending at t - w + 2 .. t all exceed
+#              it: the causal form (an alarm after w - 1 consecutive window alarms).
+MAPPINGS = ("published", "run")
+
+
 def _one(
-    path: Path, doc: dict[str, Any], ks: tuple[float, ...], alphas: tuple[float, ...] = ()
+    path: Path,
+    doc: dict[str, Any],
+    ks: tuple[float, ...],
+    alphas: tuple[float, ...] = (),
+    mappings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train on rows [0, 400) of one experiment, score the rest; confusion counts per k."""
     t0 = time.perf_counter()
@@ -161,6 +187,24 @@ def _one(
         # A NaN score (none expected: SKAB has no gaps) counts as flagged.
         flagged = ~(score <= t.error_mean + k * t.error_std)
         row[f"k={k:g}"] = rates(confusion(flagged, y_test)) | confusion(flagged, y_test)
+    if mappings and det.window > 1:
+        # Same fitted model, same threshold; raw (unsmoothed) window errors of the whole file
+        # (rows < w - 1 have no window and never count as flagged).
+        w = det.window
+        raw = dataclasses.replace(det, ewma_alpha=None)
+        full = score_rows(raw, x)
+        for k in ks:
+            above = full.scored & ~(full.score <= t.error_mean + k * t.error_std)
+            for name in mappings:
+                if name == "published":
+                    flagged = runs_ahead(above[TRAIN_ROWS:], w - 1)
+                elif name == "run":
+                    flagged = runs_ahead(above, w - 1)[TRAIN_ROWS - w + 2 :][: len(y_test)]
+                else:
+                    raise ValueError(f"unknown mapping {name!r}; use {', '.join(MAPPINGS)}")
+                row[f"map={name},k={k:g}"] = rates(confusion(flagged, y_test)) | confusion(
+                    flagged, y_test
+                )
     if alphas:
         # Sensitivity to smoothing, same fitted models: the raw scores of the holdout (the
         # last 60 of the 400 rows) and of the test part, smoothed with each alpha; the
@@ -189,6 +233,8 @@ def run_ours(
     ks: tuple[float, ...],
     jobs: int,
     alphas: tuple[float, ...] = (),
+    mappings: tuple[str, ...] = (),
+    experiments: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train and score all 34 experiments (``jobs`` processes); pooled and per-file results."""
     import yaml
@@ -197,7 +243,8 @@ def run_ours(
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         docs = []
-        for exp in EXPERIMENTS:
+        experiments = EXPERIMENTS if experiments is None else experiments
+        for exp in experiments:
             docs.append(
                 apply_overrides(
                     base_doc,
@@ -215,8 +262,8 @@ def run_ours(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
             futures = [
-                pool.submit(_one, skab / "data" / exp, doc, ks, alphas)
-                for exp, doc in zip(EXPERIMENTS, docs, strict=True)
+                pool.submit(_one, skab / "data" / exp, doc, ks, alphas, mappings)
+                for exp, doc in zip(experiments, docs, strict=True)
             ]
             per_file = []
             for fut in futures:
@@ -230,7 +277,7 @@ def run_ours(
                     file=sys.stderr,
                     flush=True,
                 )
-    keys = [key for key in per_file[0] if key.startswith(("k=", "alpha="))]
+    keys = [key for key in per_file[0] if key.startswith(("k=", "alpha=", "map="))]
     pooled_k = {
         key: pooled([{c: row[key][c] for c in ("tp", "fp", "fn", "tn")} for row in per_file])
         for key in keys
@@ -243,6 +290,12 @@ def run_ours(
     }
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the training processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skab", type=Path, default=REPO.parent / "shared" / "data" / "skab")
@@ -253,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         "--alphas",
         default="",
         help="also report these EWMA alphas (comma list; 1 = unsmoothed) on the same models",
+    )
+    p.add_argument(
+        "--mappings",
+        default="",
+        help="windowed models: also report these point label mappings of the same window "
+        f"decisions (comma list of {', '.join(MAPPINGS)}; see MAPPINGS in the source)",
+    )
+    p.add_argument(
+        "--files",
+        default="",
+        help="comma list of experiments (e.g. valve1/0.csv) to run instead of all 34: a quick "
+        "check only, the pooled figures are not the benchmark's",
     )
     p.add_argument("--check-only", action="store_true", help="only verify the metric code")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
@@ -296,8 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
-    ours = run_ours(args.skab, args.overrides, ks, args.jobs, alphas)
-    print(f"\nour dense autoencoder ({ours['seconds']:.0f} s for {len(EXPERIMENTS)} models):\n")
+    mappings = tuple(m.strip() for m in args.mappings.split(",") if m.strip())
+    if bad := sorted(set(mappings) - set(MAPPINGS)):
+        p.error(f"unknown --mappings {bad}; use {', '.join(MAPPINGS)}")
+    exps = [f.strip() for f in args.files.split(",") if f.strip()] or EXPERIMENTS
+    if bad := sorted(set(exps) - set(EXPERIMENTS)):
+        p.error(f"unknown --files {bad}")
+    cpu0 = _cpu_seconds()
+    ours = run_ours(args.skab, args.overrides, ks, args.jobs, alphas, mappings, exps)
+    ours["cpu_seconds"] = round(_cpu_seconds() - cpu0, 1)
+    print(
+        f"\nour autoencoder ({ours['seconds']:.0f} s wall, {ours['cpu_seconds']:.0f} s CPU "
+        f"for {len(exps)} models):\n"
+    )
     print("| threshold | F1 | FAR % | MAR % | TP | FP | FN | TN |")
     print("|---|---|---|---|---|---|---|---|")
     for key, m in ours["pooled"].items():

@@ -1,13 +1,15 @@
 """CPU cost per reading of the detector's scoring modes (pure path, no Kafka, no JSON).
 
-    python -m trainer.bench_scoring [--features 38] [--windows 1,5,10,20] [--batch 1024]
+    python -m trainer.bench_scoring [--features 38] [--modes 1:0,10:auto,60:conv] [--batch 1024]
 
 For each window ``w`` a detector with the trainer's auto architecture for ``w × features``
 inputs (random weights: cost does not depend on their values) scores batches of readings
 from 64 devices, the way the worker would: ``gather_windows`` (per-device history) +
 ``score_windows`` (or ``score`` for ``w = 1``); optional EWMA smoothing and the out-of-range
-check are timed on their own. CPU seconds (``time.process_time``) per reading, best of
-``--repeat`` rounds, in one process, so the ratios are comparable.
+check are timed on their own. ``w:conv`` is the ``model.architecture: conv1d`` default
+(SKAB's Conv-AE: Conv1D 32 → 16, kernel 7, stride 2, mirrored by Conv1DTranspose).
+CPU seconds (``time.process_time``) per reading, best of ``--repeat`` rounds, in one
+process, so the ratios are comparable.
 """
 
 from __future__ import annotations
@@ -25,18 +27,45 @@ import itertools
 import numpy as np
 
 from detector import DenseLayer, DenseNetwork, Detector, ModelInfo, Preprocessor
+from detector.network import Conv1DLayer, Layer
 from detector.smoothing import ewma_batch
 from detector.threshold import fit_threshold
 from detector.windows import gather_windows
 
 
-def build(d: int, w: int, units: int = 0, seed: int = 0) -> Detector:
+def conv_layers(
+    d: int, w: int, rng: np.random.Generator, filters: tuple[int, ...] = (32, 16), k: int = 7
+) -> tuple[Conv1DLayer, ...]:
+    """The conv1d default's layers for windows of ``w`` readings of ``d`` features."""
+    out: list[Conv1DLayer] = []
+    length, c = w, d
+    plan = [(f, 2, False, "relu") for f in filters]
+    plan += [(f, 2, True, "relu") for f in reversed(filters)] + [(d, 1, True, "linear")]
+    for f, stride, transpose, act in plan:
+        lay = Conv1DLayer(
+            rng.normal(0, 0.3, (k, c, f)).astype(np.float32),
+            rng.normal(0, 0.1, f).astype(np.float32),
+            act,
+            length=length,
+            stride=stride,
+            padding="same",
+            transpose=transpose,
+        )
+        out.append(lay)
+        length, c = lay.out_length, f
+    return tuple(out)
+
+
+def build(d: int, w: int, units: int = 0, seed: int = 0, conv: bool = False) -> Detector:
     """A detector of the trainer's default shape for windows of ``w`` readings of ``d``
-    features (``units`` > 0: per-reading layers of that width first and last); random weights.
+    features (``units`` > 0: per-reading layers of that width first and last; ``conv``: the
+    conv1d default); random weights.
     """
     from trainer.pipeline import auto_shape  # light: no TensorFlow import
 
     rng = np.random.default_rng(seed)
+    if conv:
+        return _detector(d, w, conv_layers(d, w, rng), 1, rng)
     per_step = w > 1 and units > 0
     hidden, code = auto_shape(w * (units if per_step else d))
     inner = [*hidden, code, *reversed(hidden)]
@@ -51,7 +80,7 @@ def build(d: int, w: int, units: int = 0, seed: int = 0) -> Detector:
         steps = [1] * (len(widths) - 1)
         shapes = list(itertools.pairwise(widths))
     acts = ["relu"] * (len(shapes) - 1) + ["sigmoid"]
-    layers = tuple(
+    layers: tuple[Layer, ...] = tuple(
         DenseLayer(
             rng.normal(0, 0.3, shape).astype(np.float32),
             rng.normal(0, 0.1, shape[1]).astype(np.float32),
@@ -60,11 +89,17 @@ def build(d: int, w: int, units: int = 0, seed: int = 0) -> Detector:
         )
         for shape, act, st in zip(shapes, acts, steps, strict=True)
     )
+    return _detector(d, w, layers, len(hidden) + (1 if per_step else 0), rng)
+
+
+def _detector(
+    d: int, w: int, layers: tuple[Layer, ...], code: int, rng: np.random.Generator
+) -> Detector:
     pre = Preprocessor("minmax", np.zeros(d), np.zeros(d), np.ones(d))
     return Detector(
         feature_names=tuple(f"s{i}" for i in range(d)),
         preprocessor=pre,
-        network=DenseNetwork(layers, code_layer=len(hidden) + (1 if per_step else 0)),
+        network=DenseNetwork(layers, code_layer=code),
         threshold=fit_threshold(rng.gamma(2, 0.01, 100)),
         feature_error_mean=np.zeros(d),
         feature_error_std=np.ones(d),
@@ -73,6 +108,23 @@ def build(d: int, w: int, units: int = 0, seed: int = 0) -> Detector:
         train_min=np.zeros(d),
         train_max=np.ones(d),
     )
+
+
+def _arch(layers: tuple[Layer, ...], n_out: int) -> str:
+    parts = []
+    for lay in layers:
+        if isinstance(lay, Conv1DLayer):
+            parts.append(f"{lay.length}×{lay.kernel.shape[1]}")
+        elif lay.steps > 1:
+            parts.append(f"{lay.steps}×{lay.kernel.shape[0]}")
+        else:
+            parts.append(str(lay.kernel.shape[0]))
+    last = layers[-1]
+    if isinstance(last, Conv1DLayer):
+        parts.append(f"{last.out_length}×{last.kernel.shape[2]}")
+    else:
+        parts.append(str(n_out))
+    return " → ".join(parts)
 
 
 def cpu_per_reading(fn: Callable[[], object], readings: int, repeat: int, rounds: int) -> float:
@@ -91,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=int, default=38)
     p.add_argument(
         "--modes",
-        default="1:0,5:0,10:0,5:auto,10:auto,20:auto",
-        help="window:step_units pairs (0 = flattened dense, auto = the trainer's default)",
+        default="1:0,5:0,10:0,5:auto,10:auto,20:auto,12:conv,60:conv",
+        help="window:step_units pairs (0 = flattened dense, auto = the trainer's default, "
+        "conv = the conv1d default)",
     )
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--devices", type=int, default=64)
@@ -110,16 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     for mode in a.modes.split(","):
         w_txt, u_txt = mode.split(":")
         w = int(w_txt)
-        units = max(2, min(8, round(d / 2))) if u_txt == "auto" else int(u_txt)
-        units = units if w > 1 else 0
-        det = build(d, w, units)
-        arch = " → ".join(
-            f"{lay.steps}×{lay.kernel.shape[0]}" if lay.steps > 1 else str(lay.kernel.shape[0])
-            for lay in det.network.layers
-        )
-        arch += f" → {det.network.n_outputs}"
-        hist = gather_windows({}, devices, x, w).history
+        conv = u_txt == "conv"
+        auto = max(2, min(8, round(d / 2)))
+        units = 0 if conv or w == 1 else auto if u_txt == "auto" else int(u_txt)
+        det = build(d, w, units, conv=conv)
+        arch = _arch(det.network.layers, det.network.n_outputs)
+        hist: dict[str, np.ndarray] = {}
+        for _ in range(-(-w * a.devices // n)):  # enough batches for every device's window
+            hist = gather_windows(hist, devices, x, w).history
         wb = gather_windows(hist, devices, x, w)
+        assert len(wb.rows) == n, "every reading of the timed batch has a full window"
         if w == 1:
             score = cpu_per_reading(functools.partial(det.score, x), n, a.repeat, a.rounds)
             gather = 0.0
@@ -131,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         total = score + gather
         base = base or total
         print(
-            f"| {w} | {units} | {arch} | {score * 1e6:.2f} | {gather * 1e6:.2f} | "
+            f"| {w} | {'conv' if conv else units} | {arch} "
+            f"| {score * 1e6:.2f} | {gather * 1e6:.2f} | "
             f"{total * 1e6:.2f} | {total / base:.2f} |"
         )
     det = build(d, 1)
