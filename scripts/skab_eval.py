@@ -188,21 +188,33 @@ def _one(
         flagged = ~(score <= t.error_mean + k * t.error_std)
         row[f"k={k:g}"] = rates(confusion(flagged, y_test)) | confusion(flagged, y_test)
     if mappings and det.window > 1:
-        # Same fitted model, same threshold; raw (unsmoothed) window errors of the whole file
-        # (rows < w - 1 have no window and never count as flagged).
+        # Same fitted model; raw (unsmoothed) window errors of the whole file (rows < w - 1
+        # have no window and never count as flagged). Thresholds: the trainer's (mean + k·std
+        # of the holdout windows) and, as a diagnostic, the published Conv-AE notebook's
+        # rule on our error: 4/3 × the 0.999 quantile of the errors of every window inside
+        # the 400 fitting rows (their model saw all of them; ours the first 280 rows').
         w = det.window
         raw = dataclasses.replace(det, ewma_alpha=None)
         full = score_rows(raw, x)
-        for k in ks:
-            above = full.scored & ~(full.score <= t.error_mean + k * t.error_std)
-            for name in mappings:
-                if name == "published":
+        fit_part = full.score[w - 1 : TRAIN_ROWS]
+        thresholds = {f"k={k:g}": t.error_mean + k * t.error_std for k in ks}
+        thresholds["ucl"] = float(np.quantile(fit_part, 0.999) * 4 / 3)
+        row["ucl"] = thresholds["ucl"]
+        row["window_scores"] = [
+            None if not ok else float(v) for ok, v in zip(full.scored, full.score, strict=True)
+        ]
+        for tname, thr in thresholds.items():
+            above = full.scored & ~(full.score <= thr)
+            for name in ("end", *mappings):
+                if name == "end":
+                    flagged = above[TRAIN_ROWS:]
+                elif name == "published":
                     flagged = runs_ahead(above[TRAIN_ROWS:], w - 1)
                 elif name == "run":
                     flagged = runs_ahead(above, w - 1)[TRAIN_ROWS - w + 2 :][: len(y_test)]
                 else:
                     raise ValueError(f"unknown mapping {name!r}; use {', '.join(MAPPINGS)}")
-                row[f"map={name},k={k:g}"] = rates(confusion(flagged, y_test)) | confusion(
+                row[f"map={name},{tname}"] = rates(confusion(flagged, y_test)) | confusion(
                     flagged, y_test
                 )
     if alphas:
