@@ -334,6 +334,16 @@ def decode_paths(baselines: list[str], repeats: int, seconds: float) -> dict[str
     for ref in baselines:
         variants[ref] = _decoder_at(ref)(names, ReadingSettings())
     typed = variants["current"]._fast_decoder.decode
+    # The same reading type with the features object skipped (msgspec.Raw): what parsing
+    # costs without one Python float per value, a floor for any path still built on msgspec.
+    skipped = msgspec.json.Decoder(
+        msgspec.defstruct(
+            "Skipped",
+            [("device", str), ("ts", int | str), ("values", msgspec.Raw)],
+            rename={"device": "device_id", "ts": "timestamp"},
+            gc=False,
+        )
+    ).decode
     for name, dec in variants.items():
         got = dec.decode(batches[0])
         if got.failures or len(got.index) != len(batches[0]):
@@ -346,25 +356,33 @@ def decode_paths(baselines: list[str], repeats: int, seconds: float) -> dict[str
 
         return 1e6 / timed(step, batches, seconds)[0]
 
-    cols: dict[str, list[float]] = {k: [] for k in [*variants, "msgspec typed parse only"]}
+    parse, skip = "msgspec typed parse only", "msgspec, features skipped"
+    cols: dict[str, list[float]] = {k: [] for k in [*variants, parse, skip]}
+    load_before = os.getloadavg()
     for _ in range(repeats):
         for name, dec in variants.items():
             cols[name].append(one(dec.decode))
-        cols["msgspec typed parse only"].append(one(lambda b: list(map(typed, b))))
+        cols[parse].append(one(lambda b: list(map(typed, b))))
+        cols[skip].append(one(lambda b: list(map(skipped, b))))
+    load_after = os.getloadavg()
     # Paired: each repeat's ratio to the current tree, so load drifts between repeats cancel.
-    ratios = {
-        k: statistics.median(b / a for a, b in zip(cols["current"], v, strict=True))
-        for k, v in cols.items()
-    }
-    say("decode, CPU µs per reading (median of interleaved repeats; paired ratio to current):")
+    paired = {k: [b / a for a, b in zip(cols["current"], v, strict=True)] for k, v in cols.items()}
+    say(
+        f"decode, CPU µs per reading, {repeats} interleaved repeats (median, min-max; paired "
+        f"ratio to current: median, min-max); load {load_before[0]:.1f} -> {load_after[0]:.1f} "
+        f"on {os.cpu_count()} CPUs:"
+    )
     for k, v in cols.items():
+        r = paired[k]
         say(
-            f"  {k:28s} {statistics.median(v):.2f}  (min {min(v):.2f}, max {max(v):.2f})  "
-            f"x{ratios[k]:.2f}"
+            f"  {k:28s} {statistics.median(v):.2f}  ({min(v):.2f}-{max(v):.2f})  "
+            f"x{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
         )
     return {
         "decode_us_per_reading": {k: summary(v) for k, v in cols.items()},
-        "paired_ratio_to_current": ratios,
+        "paired_ratio_to_current": {k: summary(v) for k, v in paired.items()},
+        "loadavg_1min": {"before": load_before[0], "after": load_after[0]},
+        "cpus": os.cpu_count(),
         "readings": len(values),
         "batch": 1024,
         "msgspec": msgspec.__version__,
