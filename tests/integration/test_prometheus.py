@@ -141,8 +141,16 @@ def scraped_worker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> 
                 pass
             assert time.monotonic() < deadline, "prometheus never scraped the worker"
             time.sleep(0.5)
-        # Enough samples for rate() windows of 30 s ($__rate_interval in tests) to have data.
+        # Enough samples for rate() windows of 30 s ($__rate_interval in tests) to have data,
+        # and the slowest series scraped at least once: the score-ratio PSI exists only after
+        # PSI_REFERENCE + PSI_MIN_READINGS scored readings of a group (3,000, ~8 s of this
+        # traffic on a quiet machine, much longer when the machine is loaded).
         time.sleep(20)
+        deadline = time.monotonic() + 120
+        while not _query(base, "sensor_anomaly_drift_score_ratio_psi")[1]["data"]["result"]:
+            assert worker.alive(), worker.log()[-3000:]
+            assert time.monotonic() < deadline, "no PSI sample after 140 s of traffic"
+            time.sleep(1)
         yield base
     finally:
         traffic.halt.set()
