@@ -128,6 +128,8 @@ class DenseLayer:
 # enough to stay single-threaded; rows are independent, so the result equals one product
 # per layer up to float32 rounding (at most 1 ulp here).
 _SINGLE_THREAD_GEMM_WORK = 65_536 * 4
+# float32 values of scratch per chunk of windows in a convolution (256 KiB).
+_CHUNK_VALUES = 65_536
 
 
 Padding = Literal["same", "valid"]
@@ -152,9 +154,10 @@ class Conv1DLayer:
     swaps it). Padding and cropping follow TensorFlow's: ``same`` pads (or, transposed,
     crops) ``total // 2`` steps on the left and the rest on the right.
 
-    Cost: one matrix product per block of rows (im2col: each output step's receptive field
-    gathered into one row; transposed: one product then an overlap-add of the ``k`` taps),
-    blocks kept under the single-threaded OpenBLAS size (see ``_SINGLE_THREAD_GEMM_WORK``).
+    Cost: one matrix product per layer and chunk of windows (im2col: each output step's
+    receptive field gathered into one row; transposed: one product then an overlap-add of
+    the ``k`` taps), fed to BLAS in row blocks under the single-threaded OpenBLAS size (see
+    ``_SINGLE_THREAD_GEMM_WORK``).
     """
 
     kernel: F32
@@ -188,21 +191,28 @@ class Conv1DLayer:
             # (c_in, k * c_out): one product gives every tap of every input step.
             mat = np.ascontiguousarray(self.kernel.transpose(1, 0, 2).reshape(c_in, k * c_out))
             idx = None
-            work = self.length * c_in * k * c_out
+            gemm = c_in * k * c_out
+            scratch = (self.length + 1) * k * c_out  # taps and overlap-add buffer
         else:
             full = self.length
             pad = max((lo - 1) * s + k - self.length, 0) if self.padding == "same" else 0
             mat = np.ascontiguousarray(self.kernel.reshape(k * c_in, c_out))
             # idx[o, j]: the padded input step tap j of output step o reads.
             idx = np.arange(lo)[:, None] * s + np.arange(k)[None, :]
-            work = lo * k * c_in * c_out
+            gemm = k * c_in * c_out
+            scratch = lo * k * c_in  # the im2col rows
         object.__setattr__(self, "_out_len", lo)
         object.__setattr__(self, "_full", full)
         object.__setattr__(self, "_pad", pad)
         object.__setattr__(self, "_mat", mat)
         object.__setattr__(self, "_idx", idx)
-        # Rows (windows) per block: each block's product stays single-threaded in OpenBLAS.
-        object.__setattr__(self, "_block", max(1, _SINGLE_THREAD_GEMM_WORK // max(1, work)))
+        # Windows per chunk: the gathered/tap arrays of a chunk stay ~256 KiB (cache-sized);
+        # inside a chunk, the product goes to BLAS in row blocks that stay on OpenBLAS's
+        # single-threaded path (rows × K × N <= _SINGLE_THREAD_GEMM_WORK, at least 16 rows).
+        # Measured (8 features, w 60): 2-window chunks with one product each cost 97 µs
+        # per window, numpy's per-call overhead dominating; these 54 µs.
+        object.__setattr__(self, "_block", max(1, _CHUNK_VALUES // max(1, scratch)))
+        object.__setattr__(self, "_gemm_rows", max(16, _SINGLE_THREAD_GEMM_WORK // gemm))
 
     @property
     def out_length(self) -> int:
@@ -227,6 +237,16 @@ class Conv1DLayer:
             out[i : i + step] = self._block_apply(h[i : i + step])
         return ACTIVATIONS[self.activation](out)
 
+    def _matmul(self, a: F32, b: F32) -> F32:
+        rows: int = self._gemm_rows  # type: ignore[attr-defined]
+        m = len(a)
+        if m <= rows:
+            return a @ b
+        out = np.empty((m, b.shape[1]), dtype=np.float32)
+        for i in range(0, m, rows):
+            np.matmul(a[i : i + rows], b, out=out[i : i + rows])
+        return out
+
     def _block_apply(self, h: F32) -> F32:
         n = len(h)
         k, c_in, c_out = (int(v) for v in self.kernel.shape)
@@ -237,7 +257,7 @@ class Conv1DLayer:
         if self.transpose:
             s, steps = self.stride, self.length
             full_len: int = self._full  # type: ignore[attr-defined]
-            taps = (x.reshape(n * steps, c_in) @ mat).reshape(n, steps, k, c_out)
+            taps = self._matmul(x.reshape(n * steps, c_in), mat).reshape(n, steps, k, c_out)
             full = np.zeros((n, max(full_len, pad // 2 + lo), c_out), dtype=np.float32)
             span = (steps - 1) * s + 1
             for j in range(k):  # overlap-add (col2im): input step i, tap j -> i * s + j
@@ -254,7 +274,7 @@ class Conv1DLayer:
             xp = x
         idx: npt.NDArray[np.intp] = self._idx  # type: ignore[attr-defined]
         cols = xp[:, idx]  # (n, lo, k, c_in)
-        y = cols.reshape(n * lo, k * c_in) @ mat
+        y = self._matmul(cols.reshape(n * lo, k * c_in), mat)
         y += self.bias
         return y.reshape(n, lo * c_out)
 
