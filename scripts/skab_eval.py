@@ -159,7 +159,7 @@ def _one(
     mappings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train on rows [0, 400) of one experiment, score the rest; confusion counts per k."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = train(from_mapping(doc), save=False)
     _, x, y = load_experiment(path)
     det = res.detector
@@ -236,7 +236,17 @@ def _one(
                     flagged, y_test
                 )
     row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["cpu_seconds"] = round(time.process_time() - c0, 2)
     return row
+
+
+def pool_rows(per_file: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Pooled rates of every decision variant the per-file rows hold."""
+    keys = [key for key in per_file[0] if key.startswith(("k=", "alpha=", "map="))]
+    return {
+        key: pooled([{c: row[key][c] for c in ("tp", "fp", "fn", "tn")} for row in per_file])
+        for key in keys
+    }
 
 
 def run_ours(
@@ -247,6 +257,7 @@ def run_ours(
     alphas: tuple[float, ...] = (),
     mappings: tuple[str, ...] = (),
     experiments: Sequence[str] | None = None,
+    rows_out: Path | None = None,
 ) -> dict[str, Any]:
     """Train and score all 34 experiments (``jobs`` processes); pooled and per-file results."""
     import yaml
@@ -281,6 +292,9 @@ def run_ours(
             for fut in futures:
                 row = fut.result()
                 per_file.append(row)
+                if rows_out is not None:  # as each file ends, so a stopped run keeps them
+                    with rows_out.open("a") as f:
+                        f.write(json.dumps(row | {"overrides": overrides}, default=str) + "\n")
                 r = row[f"k={ks[0]:g}"]
                 print(
                     f"{row['file']:<14} test {row['test_rows']:5d} anomalous "
@@ -289,17 +303,43 @@ def run_ours(
                     file=sys.stderr,
                     flush=True,
                 )
-    keys = [key for key in per_file[0] if key.startswith(("k=", "alpha=", "map="))]
-    pooled_k = {
-        key: pooled([{c: row[key][c] for c in ("tp", "fp", "fn", "tn")} for row in per_file])
-        for key in keys
-    }
     return {
         "per_file": per_file,
-        "pooled": pooled_k,
+        "pooled": pool_rows(per_file),
         "seconds": round(time.perf_counter() - t_all, 1),
         "config": docs[0] | {"data": docs[0]["data"] | {"path": "<each experiment>"}},
     }
+
+
+def pool_files(paths: list[Path]) -> int:
+    """Pool per-experiment rows written by ``--rows-out`` (possibly several partial runs of
+    the same settings: every model is seeded and deterministic, so a file's row does not
+    depend on the run that produced it)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows.setdefault(row["file"], row)
+    if not rows:
+        print("no rows")
+        return 1
+    settings = {json.dumps(r.get("overrides")) for r in rows.values()}
+    if len(settings) > 1:
+        print(f"refusing to pool rows of different settings: {sorted(settings)}")
+        return 1
+    missing = [e for e in EXPERIMENTS if e not in rows]
+    per_file = [rows[e] for e in EXPERIMENTS if e in rows]
+    print(f"{len(per_file)} of {len(EXPERIMENTS)} experiments; missing: {missing or 'none'}")
+    print(f"training + scoring {sum(r['seconds'] for r in per_file):.0f} s wall in total")
+    print("| threshold | F1 | FAR % | MAR % | TP | FP | FN | TN |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, m in pool_rows(per_file).items():
+        print(
+            f"| {key} | {m['f1']:.2f} | {m['far_pct']:.2f} | {m['mar_pct']:.2f} | "
+            f"{m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} |"
+        )
+    return 0
 
 
 def _cpu_seconds() -> float:
@@ -331,10 +371,23 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of experiments (e.g. valve1/0.csv) to run instead of all 34: a quick "
         "check only, the pooled figures are not the benchmark's",
     )
+    p.add_argument(
+        "--rows-out",
+        type=Path,
+        help="append each experiment's result to this JSON-lines file as it finishes",
+    )
+    p.add_argument(
+        "--pool",
+        default="",
+        help="only pool the rows of these --rows-out files (comma list; an experiment in "
+        "several is taken once, the first seen) and print the table; trains nothing",
+    )
     p.add_argument("--check-only", action="store_true", help="only verify the metric code")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     args = p.parse_args(argv)
     ks = tuple(args.k or (2.0, 3.0))
+    if args.pool:
+        return pool_files([Path(f) for f in args.pool.split(",") if f.strip()])
 
     tests: dict[str, tuple[list[str], np.ndarray]] = {}
     for exp in EXPERIMENTS:
@@ -380,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad := sorted(set(exps) - set(EXPERIMENTS)):
         p.error(f"unknown --files {bad}")
     cpu0 = _cpu_seconds()
-    ours = run_ours(args.skab, args.overrides, ks, args.jobs, alphas, mappings, exps)
+    ours = run_ours(args.skab, args.overrides, ks, args.jobs, alphas, mappings, exps, args.rows_out)
     ours["cpu_seconds"] = round(_cpu_seconds() - cpu0, 1)
     print(
         f"\nour autoencoder ({ours['seconds']:.0f} s wall, {ours['cpu_seconds']:.0f} s CPU "
