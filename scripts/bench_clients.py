@@ -9,15 +9,26 @@ consumer group:
 * raw confluent-kafka: the same with ``confluent_kafka.Consumer.consume(1000)`` built from
   the confluent adapter's consumer settings (this script's ``--raw-confluent`` mode);
 * the worker (``python -m worker.cli``) on ``kafka.client: kafka-python`` and ``confluent``,
-  at-least-once and exactly-once, with the full contract (DLQ, metrics, commits).
+  at-least-once and exactly-once, with the full contract (DLQ, metrics, commits);
+* the peers of ``scripts/bench_peers.py``: an idiomatic quixstreams app (its own venv) and a
+  minimal hand-written confluent-kafka batch worker, same artifact, same numpy ``Detector``;
+* two workers in one group per client (:func:`scale_run`: both hold partitions before the
+  readings are copied in).
+
+Every worker and peer run writes its own events topic; the distinct event ids of every run
+must equal the worker's (:func:`check_events`, exit 1 otherwise). Then, unless skipped, the
+latency rows (:func:`latency_stage`: ``scripts/bench.py``'s paced producer and observer) for
+the worker on each client and mode at 1,000/s and 10,000/s, at-least-once at 1,000/s
+``--latency-runs`` times, with the worker's cores and RSS during each run.
 
 CPU is read from ``/proc/<pid>/stat`` over the 10 %-90 % window of the group's committed
 offsets (the worker runs) or of the records read (raw runs): CPU µs per reading is the
 headline because wall time on a shared machine swings with other load; readings/s is shown
 beside it. Reuses ``scripts/bench.py``'s topic, prefill and worker-run helpers::
 
-    .venv/bin/python scripts/bench_clients.py --readings 200000 --repeats 3 [--write-docs]
-    .venv/bin/python scripts/bench_clients.py --profile confluent-alo   # py-spy, one run
+    .venv/bin/python scripts/bench_clients.py [--write-docs]        # all rows, ~10-17 min
+    .venv/bin/python scripts/bench_clients.py --only quix,hand,ck_alo --skip latency
+    .venv/bin/python scripts/bench_clients.py --profile ck_alo   # py-spy, one run
 
 Results go to ``bench-out/clients.json``; ``--write-docs`` rewrites the generated part of
 the "Kafka clients" section of ``docs/benchmarks.md``.
