@@ -47,12 +47,19 @@ def _pins() -> list[str]:
     return out
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(B.REPO))
+    except ValueError:
+        return str(path)
+
+
 def ensure_venv(log: Path) -> tuple[Path | None, str]:
     """The peers venv's python, building it if needed; (None, reason) when that fails."""
     py, marker = VENV / "bin" / "python", VENV / ".installed"
     want = " ".join(_pins())
     if py.exists() and marker.exists() and marker.read_text().strip() == want:
-        return py, f"{VENV.relative_to(B.REPO)} ({want})"
+        return py, f"{_rel(VENV)} ({want})"
     t = time.monotonic()
     with log.open("a") as f:
         try:
@@ -64,11 +71,12 @@ def ensure_venv(log: Path) -> tuple[Path | None, str]:
             subprocess.run([str(py), "-c", "import quixstreams, numpy, msgspec"], check=True,
                            stdout=f, stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
         except (OSError, subprocess.SubprocessError) as e:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            return None, f"could not install {QUIX} into {VENV.relative_to(B.REPO)}: {e}; {tail[0]}"
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [str(e)]
+            why = tail[0].replace("|", "/")[:160]
+            return None, f"could not install {QUIX} into {_rel(VENV)} ({why}; log {_rel(log)})"
     marker.write_text(want + "\n")
     B.note(f"peers venv built in {time.monotonic() - t:.0f} s: {want}")
-    return py, f"{VENV.relative_to(B.REPO)} ({want})"
+    return py, f"{_rel(VENV)} ({want})"
 
 
 def peer_run(
