@@ -790,6 +790,7 @@ class Worker:
                     raise _Abandoned() from None
                 self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        self.health.progress()  # a long restore is work, not a fetch stall
         self._outage_over()
 
     def _rewind(self, first: dict[TopicPartition, int]) -> None:
@@ -838,6 +839,8 @@ class Worker:
     def _outage_over(self) -> None:
         if self._outage_since is not None:
             log.info("broker reachable again after %.1fs", time.monotonic() - self._outage_since)
+            # Nothing could be fetched during the outage: the stall clock starts again.
+            self.health.progress()
         self._outage_since = None
         self.health.update(broker_ok=True)
 
@@ -861,28 +864,42 @@ class Worker:
         self.metrics.ready.set(1 if self.health.readiness()[0] else 0)
 
     def _maybe_rejoin(self) -> None:
-        """Re-create the consumer when a join has not completed for a long time.
+        """Re-create the consumer when it is stuck: a join that does not complete, or an
+        assignment it does not fetch.
 
-        Seen with kafka-python under load: a member assigned, revoked at once by a second
-        rebalance, then never rejoining until evicted. Past ``3 × session timeout`` (at
-        least 30 s) without a stable membership, and only while the broker answers, the
-        consumer is closed and a new one joins; whatever is held is dropped (at least once:
-        replayed by the next owner; exactly once: its transaction aborted by the reset).
-        Liveness (``kafka.rejoin_stuck_s``) stays the last resort.
+        Both seen with kafka-python 3.0.12 under load: (a) a member assigned, revoked at once
+        by a second rebalance, then never rejoining until evicted; (b) a member holding its
+        partitions, records waiting in them, the broker answering, and nothing returned by
+        ``poll`` (upstream dpkp/kafka-python#3131 / #3106 describe the same symptom). Past
+        ``3 × session timeout`` (at least 30 s) in either state, and only while the broker
+        answers and outputs are acknowledged, the consumer is closed and a new one joins;
+        whatever is held is dropped (at least once: replayed by the next owner; exactly
+        once: its transaction aborted by the reset). Liveness (``kafka.rejoin_stuck_s``,
+        the stall limit) stays the last resort.
         """
-        since = self.health.unstable_since
         limit = max(30.0, 3 * self.cfg.kafka.session_timeout_ms / 1000)
         now = time.monotonic()
-        if since is None or now - since < limit or now - self._last_rejoin < limit:
+        if now - self._last_rejoin < limit or self._outage_since is not None or self._stop:
             return
-        if self._outage_since is not None or self._stop:
+        h = self.health
+        since = h.unstable_since
+        if since is not None and now - since >= limit:
+            why = f"not a stable group member for {now - since:.0f}s"
+            kind = "RejoinStuck"
+        elif (
+            h.lag > 0
+            and h.broker_ok
+            and h.delivery_ok
+            and since is None
+            and now - max(h.last_progress, self._last_rejoin) >= limit
+        ):
+            why = f"{h.lag} records waiting in owned partitions and none fetched for {limit:.0f}s"
+            kind = "FetchStuck"
+        else:
             return
         self._last_rejoin = now
-        log.warning(
-            "not a stable group member for %.0fs: re-creating the consumer to rejoin",
-            now - since,
-        )
-        self.metrics.kafka_errors.labels(kind="RejoinStuck").inc()
+        log.warning("%s: re-creating the consumer to rejoin", why)
+        self.metrics.kafka_errors.labels(kind=kind).inc()
         self._drop_all("consumer re-created")
         old = self.consumer
         self._forget(list(old.assignment()))
@@ -1062,6 +1079,9 @@ class Worker:
             assignment=tuple(f"{tp.topic}/{tp.partition}" for tp in owned),
         )
         self.health.set_member(True)
+        # The stall clock (liveness, _maybe_rejoin) restarts: nothing could be fetched from
+        # this assignment before it existed.
+        self.health.progress()
         if self.stage is not None:
             self.stage.assigned(owned)  # restored before their first record is scored
         self._outage_over()  # the group coordinator answered
