@@ -90,8 +90,11 @@ class PrivateBroker:
             *args,
         ]
 
-    def start(self, timeout: float = 90.0) -> float:
-        """Start (formatting the data dir the first time); return seconds until ready."""
+    def start(self, timeout: float = 240.0) -> float:
+        """Start (formatting the data dir the first time); return seconds until ready.
+
+        After a SIGKILL the broker recovers every partition's log before it answers: minutes
+        with many partitions on a loaded 2-core machine, hence the generous timeout."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("broker already running")
         if not (self.libs / ".complete").exists():

@@ -706,7 +706,21 @@ def run(
     res.duration_s = round(time.monotonic() - t_start, 1)
     res.judge()
     (rdir / "result.json").write_text(json.dumps(dataclasses.asdict(res), indent=2))
+    _delete_topics(broker.bootstrap, [*topics.values(), f"{group}-incident-state"])
     return res
+
+
+def _delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Drop a finished run's topics: a broker that keeps every run's partitions takes ever
+    longer to recover them after the next SIGKILL (191 partitions took over 90 s to load at
+    load average 20, and the run failed on the harness's start timeout, not on the worker)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    for fut in admin.delete_topics(names, operation_timeout=30).values():
+        # Already gone, or the broker is slow: the next run does not care.
+        with contextlib.suppress(Exception):
+            fut.result(timeout=35)
 
 
 def _drain(monitor: Monitor, timeout: float, res: Result) -> None:
