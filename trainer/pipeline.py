@@ -603,11 +603,22 @@ def _fit_model(
     seed_everything(hp.seed, hp.deterministic)
     model = build_autoencoder(z_train.shape[1], hp, out_act, w, units)
     progress(
-        f"fitting autoencoder {_architecture(z_train.shape[1], hp.hidden, hp.code_size, w, units)} "
+        f"fitting autoencoder {_describe(z_train.shape[1], hp, w, units)} "
         f"on {len(z_train)} rows, validating on {len(z_val)}"
     )
     hist = fit_autoencoder(model, z_train, z_val, hp, progress)
     return model, hist, (), -1, hp
+
+
+def _describe(n: int, hp: Any, w: int = 1, units: int = 0) -> str:
+    """The layer widths of the model ``hp`` builds on ``n`` inputs (progress line, report)."""
+    if getattr(hp, "architecture", "dense") == "conv1d":
+        d = n // max(w, 1)
+        k, st = hp.conv_kernel, hp.conv_stride
+        enc = [f"conv {f}×k{k}/s{st}" for f in hp.conv_filters]
+        dec = [f"deconv {f}×k{k}/s{st}" for f in reversed(hp.conv_filters)]
+        return " → ".join([f"{w}×{d}", *enc, *dec, f"deconv {d}×k{k}", f"{w}×{d}"])
+    return _architecture(n, hp.hidden, hp.code_size, w, units)
 
 
 def _architecture(
@@ -1007,7 +1018,7 @@ def _metrics(
             "feature_names": list(ds.feature_names),
             "window": det.window,
             "ewma_alpha": det.ewma_alpha,
-            "architecture": _architecture(n, hp.hidden, hp.code_size, det.window, units),
+            "architecture": _describe(n, hp, det.window, units),
             "step_units": units,
             "hyperparameters": to_mapping(hp),
             "output_activation": cfg.output_activation,
