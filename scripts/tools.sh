@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 BIN_DIR="$PWD/.cache/bin"
 HELM="$BIN_DIR/helm"
+# Built tools shared by the clones of this project on this machine (outside the clone).
+SHARED_BIN="${XDG_CACHE_HOME:-$HOME/.cache}/sensor-anomaly/bin"
 
 # The module version go install built (helm's own `version` says only "v3.22" for such a
 # build: its full version is set by ldflags in helm's release Makefile).
@@ -25,11 +27,34 @@ install_helm() {
   if [ -x "$HELM" ] && [ "$(helm_version)" = "$HELM_VERSION" ]; then
     return 0
   fi
+  mkdir -p "$BIN_DIR"
+  # A helm of this version built by another clone on this machine: copy it (go install asks
+  # the module proxy about the package path on every run, even with the modules cached).
+  local shared="$SHARED_BIN/helm-$HELM_VERSION"
+  if [ -x "$shared" ]; then
+    cp "$shared" "$HELM"
+    if [ "$(helm_version)" = "$HELM_VERSION" ]; then
+      echo "[tools] helm $HELM_VERSION copied from $shared" >&2
+      return 0
+    fi
+  fi
   command -v go >/dev/null || { echo "error: go not found; it builds helm $HELM_VERSION" >&2; exit 1; }
   echo "[tools] building helm $HELM_VERSION into .cache/bin (go install, a few minutes once)" >&2
-  mkdir -p "$BIN_DIR"
-  GOBIN="$BIN_DIR" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  local attempt
+  for attempt in 1 2 3; do
+    if GOBIN="$BIN_DIR" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"; then
+      break
+    fi
+    if [ "$attempt" = 3 ]; then
+      echo "error: go install of helm $HELM_VERSION failed 3 times; check that the Go module" \
+        "proxy ($(go env GOPROXY)) is reachable, then run make test again" >&2
+      exit 1
+    fi
+    echo "[tools] go install failed (attempt $attempt of 3; the module proxy may be slow); retrying in $((attempt * 15)) s" >&2
+    sleep $((attempt * 15))
+  done
   [ "$(helm_version)" = "$HELM_VERSION" ] || { echo "error: .cache/bin/helm is not $HELM_VERSION" >&2; exit 1; }
+  mkdir -p "$SHARED_BIN" && cp "$HELM" "$shared.tmp" && mv "$shared.tmp" "$shared" || true
 }
 
 versions() {
