@@ -706,7 +706,8 @@ def run(
     res.duration_s = round(time.monotonic() - t_start, 1)
     res.judge()
     (rdir / "result.json").write_text(json.dumps(dataclasses.asdict(res), indent=2))
-    _delete_topics(broker.bootstrap, [*topics.values(), f"{group}-incident-state"])
+    if res.passed:  # a failed run's topics stay for forensics (verify.py can re-read them)
+        _delete_topics(broker.bootstrap, [*topics.values(), f"{group}-incident-state"])
     return res
 
 
