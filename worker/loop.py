@@ -618,8 +618,7 @@ class Worker:
         """An idempotent producer can stay in an error state; start afresh."""
         old, self.producer = self.producer, None
         if old is not None:
-            with contextlib.suppress(Exception):
-                old.close(timeout=0)
+            self._discard(old)
         log.warning("re-creating the producer after repeated delivery failures")
         self.producer = self._new_producer()
         if self.producer is None:
@@ -691,18 +690,37 @@ class Worker:
             self._outage_since = time.monotonic()
         old, self.producer = self.producer, None
         if old is not None:
-            with contextlib.suppress(Exception):
-                old.close(timeout=0)
+            self._discard(old)
         producer = self._new_producer()
         if producer is None:
             raise _Abandoned()
         if not self._init_transactions(producer):
-            with contextlib.suppress(Exception):
-                producer.close(timeout=0)
+            self._discard(producer)
             raise _Abandoned()
         self.producer = producer
         self._rewind_to_committed(fallback)
         self.health.update(delivery_ok=True)
+
+    def _discard(self, producer: Any) -> None:
+        """Retire a transactional producer before its replacement starts (see
+        ``ClientAdapter.discard_producer``): bounded by twice the request timeout, so a
+        client that never lets go delays the reset, never wedges it."""
+        limit = max(30.0, 2 * self.cfg.kafka.request_timeout_ms / 1000)
+        t0 = time.monotonic()
+        try:
+            gone = self.client.discard_producer(producer, limit)
+        except Exception:
+            log.debug("discarding the old producer failed", exc_info=True)
+            gone = False
+        took = time.monotonic() - t0
+        if not gone:
+            log.warning(
+                "the replaced producer was still running after %.0fs; starting its "
+                "replacement anyway",
+                took,
+            )
+        elif took > 1.0:
+            log.info("the replaced producer's I/O thread exited after %.1fs", took)
 
     def _rewind_to_committed(self, fallback: dict[TopicPartition, int]) -> None:
         """Seek each owned partition to its committed offset (or ``fallback``'s)."""

@@ -53,6 +53,12 @@ class ClientAdapter(Protocol):
 
     def abort_transaction(self, producer: Any, timeout_s: float) -> None: ...
 
+    def discard_producer(self, producer: Any, timeout_s: float) -> bool:
+        """Close a transactional producer being replaced so that nothing of its open
+        transaction can reach the broker after the replacement initialises; waits at most
+        ``timeout_s``; False if the old one may still send."""
+        ...
+
     def build_restore_consumer(self, cfg: WorkerConfig) -> Any:
         """A group-less, ``read_committed`` consumer with the subset of ``KafkaConsumer``
         that :meth:`worker.state.StateStore.restore` uses (``partitions_for_topic``,

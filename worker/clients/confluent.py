@@ -73,6 +73,7 @@ __all__ = [
     "commit_in_listener",
     "commit_transaction",
     "consumer_config",
+    "discard_producer",
     "ensure_changelog",
     "ensure_topics",
     "is_stable_member",
@@ -749,6 +750,18 @@ class Producer:
 
 
 # -- the adapter's functions ----------------------------------------------------------------
+
+
+def discard_producer(producer: Producer, timeout_s: float) -> bool:
+    """Close a transactional producer that is being replaced: its queued and in-flight
+    requests are purged here, before the replacement starts (librdkafka then sends nothing
+    more for it); the close itself runs on a daemon thread (see :meth:`Producer.close`)."""
+    try:
+        producer._p.purge(in_queue=True, in_flight=True)
+    except Exception:  # best effort: the close below purges again
+        log.debug("purge of the replaced producer failed", exc_info=True)
+    producer.close(timeout=0)
+    return True
 
 
 def build_consumer(cfg: WorkerConfig, instance_id: str = "") -> Consumer:
