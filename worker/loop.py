@@ -697,9 +697,34 @@ class Worker:
         if not self._init_transactions(producer):
             self._discard(producer)
             raise _Abandoned()
+        self._abort_hanging(producer)
         self.producer = producer
         self._rewind_to_committed(fallback)
         self.health.update(delivery_ok=True)
+
+    def _abort_hanging(self, producer: Any) -> None:
+        """Abort what the reset left open on our output topics (``ClientAdapter.abort_hanging``).
+
+        Best effort: a failure is logged and the reset goes on (the chaos suite's verifier
+        is what shows whether an abandoned transaction got committed)."""
+        k = self.cfg.kafka
+        topics = [k.output_topic, k.dead_letter_topic]
+        if self.stage is not None:
+            topics.append(self.stage.topic)
+            if self.stage.incident_topic:
+                topics.append(self.stage.incident_topic)
+        try:
+            aborted = self.client.abort_hanging(self.cfg, producer, topics)
+        except Exception as e:  # never let the sweep stop the recovery
+            log.warning("could not check for open transactions after the reset: %s", e)
+            return
+        if aborted:
+            self.metrics.kafka_errors.labels(kind="HangingTransactionAborted").inc()
+            log.warning(
+                "aborted %d transaction(s) of this producer left open by the reset: %s",
+                len(aborted),
+                ", ".join(aborted),
+            )
 
     def _discard(self, producer: Any) -> None:
         """Retire a transactional producer before its replacement starts (see

@@ -53,6 +53,13 @@ class ClientAdapter(Protocol):
 
     def abort_transaction(self, producer: Any, timeout_s: float) -> None: ...
 
+    def abort_hanging(
+        self, cfg: WorkerConfig, producer: Any, topics: list[str], timeout_ms: int = 10_000
+    ) -> list[str]:
+        """After ``init_transactions``: abort any transaction of this producer id still open
+        on ``topics`` (they would be committed by our next commit marker); returns them."""
+        ...
+
     def discard_producer(self, producer: Any, timeout_s: float) -> bool:
         """Close a transactional producer being replaced so that nothing of its open
         transaction can reach the broker after the replacement initialises; waits at most

@@ -66,6 +66,7 @@ __all__ = [
     "RestoreConsumer",
     "StartupError",
     "TxnOutcomeUnknown",
+    "abort_hanging",
     "abort_transaction",
     "build_consumer",
     "build_producer",
@@ -762,6 +763,15 @@ def discard_producer(producer: Producer, timeout_s: float) -> bool:
         log.debug("purge of the replaced producer failed", exc_info=True)
     producer.close(timeout=0)
     return True
+
+
+def abort_hanging(
+    cfg: WorkerConfig, producer: Producer, topics: list[str], timeout_ms: int = 10_000
+) -> list[str]:
+    """Not done with librdkafka: confluent-kafka's admin has no DescribeProducers /
+    admin abort, and the open transaction this guards against was seen only with the
+    kafka-python client (see ``kafka_python.abort_hanging``)."""
+    return []
 
 
 def build_consumer(cfg: WorkerConfig, instance_id: str = "") -> Consumer:

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import ConsumerGroupMetadata, MemberState
@@ -214,6 +214,51 @@ def discard_producer(producer: KafkaProducer, timeout_s: float) -> bool:
         return True
     sender.join(timeout_s)
     return not sender.is_alive()
+
+
+def abort_hanging(
+    cfg: WorkerConfig, producer: KafkaProducer, topics: list[str], timeout_ms: int = 10_000
+) -> list[str]:
+    """Abort transactions of this producer id still open on ``topics`` after
+    ``init_transactions``; returns what was aborted (``topic/partition@offset``).
+
+    Why: after a broker SIGKILL the replacement producer's ``init_transactions`` left the
+    abandoned transaction open on an output partition (no abort marker was ever written
+    there: the coordinator did not list that partition in the transaction after its
+    restart), and the replacement's next commit marker then committed the abandoned
+    records too (duplicates under read_committed, chaos broker_kill). After
+    ``init_transactions`` no transaction of ours can legitimately be open, so any one
+    DescribeProducers shows is aborted with an admin abort (KIP-664, WriteTxnMarkers: the
+    principal needs ClusterAction; without it this logs and returns nothing).
+    """
+    from kafka.admin._transactions import AbortTransactionSpec
+
+    tm = getattr(producer, "_transaction_manager", None)
+    pid = getattr(getattr(tm, "producer_id_and_epoch", None), "producer_id", None)
+    if pid is None or pid < 0:
+        return []
+    admin = build_admin(cfg, timeout_ms)
+    aborted: list[str] = []
+    try:
+        parts = []
+        for t in admin.describe_topics(topics):
+            name = t.get("name", t.get("topic"))
+            for p in t.get("partitions", []):
+                parts.append(TopicPartition(name, p.get("partition_index", p.get("partition"))))
+        if not parts:
+            return []
+        states = admin.describe_producers(parts)
+        for tp, state in states.items():
+            for ps in state.active_producers:
+                if ps.producer_id != pid or ps.current_transaction_start_offset < 0:
+                    continue
+                admin.abort_transaction(
+                    AbortTransactionSpec(tp, pid, ps.producer_epoch, ps.coordinator_epoch)
+                )
+                aborted.append(f"{tp.topic}/{tp.partition}@{ps.current_transaction_start_offset}")
+    finally:
+        admin.close()
+    return aborted
 
 
 def build_restore_consumer(cfg: WorkerConfig) -> KafkaConsumer:
