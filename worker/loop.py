@@ -671,11 +671,8 @@ class Worker:
         self._needs_reset = ""
         dropped, pending = self._unc, self._pending
         self._unc, self._pending = _Uncommitted(), _Pending()
-        fallback = dict(self._dropped_from)
+        fallback = _earliest(self._dropped_from, pending.first_offset, dropped.first_offset)
         self._dropped_from = {}
-        for src in (pending.first_offset, dropped.first_offset):
-            for tp, off in src.items():
-                fallback[tp] = min(off, fallback.get(tp, off))
         self.metrics.kafka_errors.labels(kind="TransactionReset").inc()
         if self.stage is not None:
             self.stage.reset()
@@ -945,9 +942,10 @@ class Worker:
         self.metrics.kafka_errors.labels(kind=kind).inc()
         self._drop_all("consumer re-created")
         old = self.consumer
-        self._forget(list(old.assignment()))
+        owned = list(old.assignment())
+        self._forget(owned)
         if self.stage is not None:
-            self.stage.revoked(list(old.assignment()))
+            self.stage.revoked(owned)
         try:  # bounded; the old member is being thrown away whatever it says
             old.close(autocommit=False, timeout_ms=2000)
         except Exception:
@@ -1079,9 +1077,9 @@ class Worker:
             self._needs_reset = why
         # Where the dropped records began: the reset seeks there for a partition that has
         # no committed offset yet (nothing else would say where to resume).
-        for src in (self._pending.first_offset, self._unc.first_offset):
-            for tp, off in src.items():
-                self._dropped_from[tp] = min(off, self._dropped_from.get(tp, off))
+        self._dropped_from = _earliest(
+            self._dropped_from, self._pending.first_offset, self._unc.first_offset
+        )
         self._unc, self._pending = _Uncommitted(), _Pending()
 
     def _forget(self, tps: list[TopicPartition]) -> None:
@@ -1157,6 +1155,15 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         # kafka-python's default delegates to on_partitions_revoked, which would commit
         # with a stale identity (issue 9, defect 2).
         self.worker.on_lost(lost)
+
+
+def _earliest(*sources: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    """The lowest offset per partition over ``sources`` (where dropped records began)."""
+    out: dict[TopicPartition, int] = {}
+    for src in sources:
+        for tp, off in src.items():
+            out[tp] = min(off, out.get(tp, off))
+    return out
 
 
 def _fit_dead_letter(m: OutputMessage) -> dict[str, Any]:
