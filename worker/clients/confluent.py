@@ -636,6 +636,8 @@ class Producer:
 
     def __init__(self, conf: Mapping[str, Any], max_block_s: float = 10.0) -> None:
         self._max_block_s = max_block_s
+        #: ``transactional.id`` or None: ``abort_hanging`` looks its producer id up by it.
+        self.transactional_id: str | None = conf.get("transactional.id")
         self._p = _construct(
             ck.Producer, {**conf, "error_cb": self._on_error, "logger": _client_log}
         )
@@ -768,10 +770,31 @@ def discard_producer(producer: Producer, timeout_s: float) -> bool:
 def abort_hanging(
     cfg: WorkerConfig, producer: Producer, topics: list[str], timeout_ms: int = 10_000
 ) -> list[str]:
-    """Not done with librdkafka: confluent-kafka's admin has no DescribeProducers /
-    admin abort, and the open transaction this guards against was seen only with the
-    kafka-python client (see ``kafka_python.abort_hanging``)."""
-    return []
+    """Abort transactions of this producer's id still open on ``topics`` after
+    ``init_transactions`` (the broker_kill duplicates: see ``kafka_python.abort_hanging``,
+    seen with both clients); returns what was aborted (``topic/partition@offset``).
+
+    librdkafka exposes neither the producer id nor DescribeProducers / the admin abort, so
+    this asks the transaction coordinator (DescribeTransactions, by ``transactional.id``)
+    for the producer id ``init_transactions`` just settled on, and aborts with
+    kafka-python's admin, as that adapter does. Needs Describe on the transactional id
+    and ClusterAction; without them this raises and the loop logs one line.
+    """
+    tid = producer.transactional_id
+    if not tid:
+        return []
+    from worker.clients.kafka_python import abort_open_transactions, build_admin
+
+    admin = build_admin(cfg, timeout_ms)
+    try:
+        desc = admin.describe_transactions([tid]).get(tid)
+    except BaseException:
+        admin.close()
+        raise
+    if desc is None or desc.producer_id < 0:
+        admin.close()
+        return []
+    return abort_open_transactions(cfg, desc.producer_id, topics, timeout_ms, admin=admin)
 
 
 def build_consumer(cfg: WorkerConfig, instance_id: str = "") -> Consumer:

@@ -231,13 +231,31 @@ def abort_hanging(
     DescribeProducers shows is aborted with an admin abort (KIP-664, WriteTxnMarkers: the
     principal needs ClusterAction; without it this logs and returns nothing).
     """
-    from kafka.admin._transactions import AbortTransactionSpec
-
     tm = getattr(producer, "_transaction_manager", None)
     pid = getattr(getattr(tm, "producer_id_and_epoch", None), "producer_id", None)
     if pid is None or pid < 0:
         return []
-    admin = build_admin(cfg, timeout_ms)
+    return abort_open_transactions(cfg, pid, topics, timeout_ms)
+
+
+def abort_open_transactions(
+    cfg: WorkerConfig,
+    producer_id: int,
+    topics: list[str],
+    timeout_ms: int = 10_000,
+    admin: KafkaAdminClient | None = None,
+) -> list[str]:
+    """Admin-abort every transaction of ``producer_id`` that DescribeProducers shows open
+    on a partition of ``topics``; returns ``topic/partition@first offset`` of each.
+
+    The contract for callers: call it only when the producer has just finished
+    ``init_transactions`` and begun nothing, so every open transaction of that id is
+    an abandoned one. Shared by both client adapters (librdkafka's admin has neither
+    DescribeProducers nor the admin abort). ``admin`` is closed on return.
+    """
+    from kafka.admin._transactions import AbortTransactionSpec
+
+    admin = admin or build_admin(cfg, timeout_ms)
     aborted: list[str] = []
     try:
         parts = []
@@ -250,10 +268,12 @@ def abort_hanging(
         states = admin.describe_producers(parts)
         for tp, state in states.items():
             for ps in state.active_producers:
-                if ps.producer_id != pid or ps.current_transaction_start_offset < 0:
+                if ps.producer_id != producer_id or ps.current_transaction_start_offset < 0:
                     continue
+                # The coordinator epoch DescribeProducers reports: with -1 the leader
+                # refused the abort as TransactionCoordinatorFenced.
                 admin.abort_transaction(
-                    AbortTransactionSpec(tp, pid, ps.producer_epoch, ps.coordinator_epoch)
+                    AbortTransactionSpec(tp, producer_id, ps.producer_epoch, ps.coordinator_epoch)
                 )
                 aborted.append(f"{tp.topic}/{tp.partition}@{ps.current_transaction_start_offset}")
     finally:
