@@ -238,6 +238,23 @@ def abort_hanging(
     return abort_open_transactions(cfg, pid, topics, timeout_ms)
 
 
+OFFSETS_TOPIC = "__consumer_offsets"
+
+
+def offsets_partition(group_id: str, partitions: int) -> int:
+    """The partition of ``__consumer_offsets`` that holds ``group_id``'s offsets: the
+    broker's ``Utils.abs(groupId.hashCode()) % partitions`` (Java's String.hashCode over
+    UTF-16 code units, 32-bit signed; Kafka's ``Utils.abs`` is ``Math.abs`` with
+    ``Integer.MIN_VALUE`` mapped to 0)."""
+    h = 0
+    data = group_id.encode("utf-16-be")
+    for i in range(0, len(data), 2):
+        h = (31 * h + (data[i] << 8 | data[i + 1])) & 0xFFFFFFFF
+    signed = h - (1 << 32) if h & 0x80000000 else h
+    positive = 0 if signed == -(1 << 31) else abs(signed)
+    return positive % max(1, partitions)
+
+
 def abort_open_transactions(
     cfg: WorkerConfig,
     producer_id: int,
@@ -246,7 +263,9 @@ def abort_open_transactions(
     admin: KafkaAdminClient | None = None,
 ) -> list[str]:
     """Admin-abort every transaction of ``producer_id`` that DescribeProducers shows open
-    on a partition of ``topics``; returns ``topic/partition@first offset`` of each.
+    on a partition of ``topics`` or on the group's partition of ``__consumer_offsets``
+    (``send_offsets_to_transaction`` wrote there); returns ``topic/partition@first offset``
+    of each.
 
     The contract for callers: call it only when the producer has just finished
     ``init_transactions`` and begun nothing, so every open transaction of that id is
@@ -259,10 +278,16 @@ def abort_open_transactions(
     aborted: list[str] = []
     try:
         parts = []
-        for t in admin.describe_topics(topics):
+        for t in admin.describe_topics([*topics, OFFSETS_TOPIC]):
             name = t.get("name", t.get("topic"))
-            for p in t.get("partitions", []):
-                parts.append(TopicPartition(name, p.get("partition_index", p.get("partition"))))
+            ids = [p.get("partition_index", p.get("partition")) for p in t.get("partitions", [])]
+            if name == OFFSETS_TOPIC:
+                # The transaction's offsets went to the group's partition of the offsets
+                # topic; left open there, every read_committed OffsetFetch of the group
+                # (librdkafka's committed(), require_stable) answers UNSTABLE_OFFSET_COMMIT
+                # until it times out, and the group never resumes (chaos broker_kill, confluent).
+                ids = [offsets_partition(cfg.kafka.group_id, len(ids))] if ids else []
+            parts.extend(TopicPartition(name, i) for i in ids)
         if not parts:
             return []
         states = admin.describe_producers(parts)
