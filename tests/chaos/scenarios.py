@@ -676,19 +676,24 @@ def run(
         sup.add(WorkerSlot(n, cfg, rdir / f"{n}.log"))
     monitor = Monitor(broker.bootstrap, group, topics["in"], sc.partitions)
     sup.begin()
-    for n in names[: sc.workers]:
-        sup.start(n)
-    monitor.start()
-    producer.start()
     try:
-        sc.run(ctx)
-    except Exception as e:  # a driver problem, not a worker one: say so loudly
-        res.failures.append(f"driver error: {type(e).__name__}: {e}")
-        res.notes.append(traceback.format_exc()[-1500:])
-    producer.done.wait(timeout=900)
-    if producer.failed or producer.error:
-        res.failures.append(f"producer: {producer.failed} failed ({producer.error})")
-    _drain(monitor, drain_timeout, res)
+        for n in names[: sc.workers]:
+            sup.start(n)
+        monitor.start()
+        producer.start()
+        try:
+            sc.run(ctx)
+        except Exception as e:  # a driver problem, not a worker one: say so loudly
+            res.failures.append(f"driver error: {type(e).__name__}: {e}")
+            res.notes.append(traceback.format_exc()[-1500:])
+        producer.done.wait(timeout=900)
+        if producer.failed or producer.error:
+            res.failures.append(f"producer: {producer.failed} failed ({producer.error})")
+        _drain(monitor, drain_timeout, res)
+    except BaseException:
+        # Interrupted (Ctrl-C): leave no worker of ours running (a SIGSTOPped zombie too).
+        sup.stop_all(timeout=10)
+        raise
     monitor.stop()
     sup.stop_all(timeout=60)
     _record_faults(ctx, monitor, res)

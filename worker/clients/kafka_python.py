@@ -277,7 +277,7 @@ def abort_open_transactions(
     admin = admin or build_admin(cfg, timeout_ms)
     aborted: list[str] = []
     try:
-        parts = []
+        parts: list[TopicPartition] = []
         for t in admin.describe_topics([*topics, OFFSETS_TOPIC]):
             name = t.get("name", t.get("topic"))
             ids = [p.get("partition_index", p.get("partition")) for p in t.get("partitions", [])]
