@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
     )
-    work = REPO / ".cache" / "chaos" / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    work = REPO / ".cache" / "chaos" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     port = _free_port_pair()
     broker = PrivateBroker(work / "broker", port)
