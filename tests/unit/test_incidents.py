@@ -172,6 +172,20 @@ def test_cooldown_blocks_a_reopen_then_lets_it_open() -> None:
     assert ev[0].incident.id != ev[2].incident.id
 
 
+def test_a_reading_at_open_ratio_opens_even_in_the_cooldown() -> None:
+    """The demo lost a 25-79x noise burst that began 5 s after the device's previous
+    incident resolved: the cooldown held back every rule. Now only the count rule waits."""
+    cfg = replace(BASE, open_ratio=5.0)
+    first = [2, 2, 2, 0, 0, 0, 0]  # opens at t=2, resolves at t=6 -> cooldown until t=16
+    marginal = series("pump-1", first) + series("pump-1", [2, 2, 2, 2, 0], start_s=7)
+    assert kinds(run(cfg, marginal)) == ["opened", "resolved"]
+    strong = series("pump-1", first) + series("pump-1", [2, 6, 2, 0], start_s=8)
+    ev = run(cfg, strong)
+    assert kinds(ev) == ["opened", "resolved", "opened"]
+    assert ev[2].event_ms - T0 == 9000  # at the 6x reading, inside the cooldown
+    assert ev[0].incident.id != ev[2].incident.id
+
+
 def test_updates_at_most_every_interval_and_at_once_on_escalation() -> None:
     rows = series("pump-1", [2] * 12 + [3.5, 3.6])
     ev = run(BASE, rows)
