@@ -67,6 +67,17 @@ def test_event_counts_lost_duplicated_inconsistent_unexpected() -> None:
     assert (c.lost, c.dup, c.dup_inconsistent, c.unexpected, c.wrong) == (1, 2, 1, 1, 0)
 
 
+def test_scores_compare_to_float32_precision() -> None:
+    """A last-bit difference of a float32 score (another batch shape) is the same score; a
+    difference past float32 precision is not (the pair is what a chaos run published)."""
+    got, oracle = 6.403442479944715, 6.403443085213439
+    exp = Expected(events={"t/0/1": ExpectedEvent("pump-000", 1, oracle)})
+    c = _count_events([_event("t/0/1", got), _event("t/0/1", oracle)], exp)
+    assert (c.wrong, c.dup, c.dup_inconsistent) == (0, 1, 0)
+    c = _count_events([_event("t/0/1", oracle * (1 + 1e-5))], exp)
+    assert c.wrong == 1
+
+
 def test_event_naming_another_reading_is_wrong() -> None:
     exp = Expected(events={"t/0/1": ExpectedEvent("pump-000", 1, 0.5)})
     c = _count_events([_event("t/0/1", 0.5, dev="pump-001")], exp)

@@ -19,6 +19,7 @@ committed offsets, and the transaction state, then counts against the oracle:
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections import Counter
@@ -179,6 +180,22 @@ class Verdict:
         return asdict(self)
 
 
+# Scores are computed in float32 (detector/); a BLAS kernel may round the last bit of a row
+# differently for another batch shape (seen 2026-12-02: 6.403442479944715 published,
+# 6.403443085213439 from the oracle's batching, 9.5e-8 apart relative). The same reading's
+# score is therefore compared to float32 precision: 1e-6 relative is 8 float32 ulps.
+SCORE_REL_TOL = 1e-6
+
+
+def same_score(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=SCORE_REL_TOL, abs_tol=1e-12)
+
+
+def _consistent(copies: list[tuple[float, str, int]]) -> bool:
+    s0, dev, ts = copies[0]
+    return all((d, t) == (dev, ts) and same_score(s, s0) for s, d, t in copies[1:])
+
+
 def _count_events(msgs: list[Any], exp: Expected) -> Counts:
     c = Counts(expected=len(exp.events))
     seen: dict[str, list[tuple[float, str, int]]] = {}
@@ -195,7 +212,7 @@ def _count_events(msgs: list[Any], exp: Expected) -> Counts:
     c.seen = sum(len(v) for v in seen.values())
     for eid, copies in seen.items():
         c.dup += len(copies) - 1
-        if len(set(copies)) > 1:
+        if not _consistent(copies):
             c.dup_inconsistent += 1
             c.examples.append(f"inconsistent copies of {eid}: {sorted(set(copies))[:3]}")
         want = exp.events.get(eid)
@@ -206,7 +223,7 @@ def _count_events(msgs: list[Any], exp: Expected) -> Counts:
                     c.examples.append(f"unexpected event {eid}")
             continue
         score, dev, ts = copies[0]
-        if (dev, ts) != (want.device_id, want.timestamp_ms) or score != want.score:
+        if (dev, ts) != (want.device_id, want.timestamp_ms) or not same_score(score, want.score):
             c.wrong += 1
             if len(c.examples) < 10:
                 c.examples.append(f"event {eid}: got {(dev, ts, score)}, oracle {want}")
