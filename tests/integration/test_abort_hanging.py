@@ -44,6 +44,9 @@ def _cfg(broker: Broker, topic: str, source: str, client: str) -> WorkerConfig:
             dead_letter_topic=f"{topic}-dlq",
             group_id=broker.new_group(),
             delivery="exactly_once",
+            # Far past the test's own waits: the broker must not end the open transaction
+            # on its timeout before the sweep does (the point is that only the sweep ends it).
+            transaction_timeout_ms=300_000,
             instance_id=f"hang-{uuid.uuid4().hex[:6]}",
             client=client,
         )
