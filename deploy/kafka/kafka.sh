@@ -112,7 +112,13 @@ start() {
   local cp="$libs/*"
   if [ ! -f "$data/.formatted" ]; then
     local cluster_id
-    cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+    # A base64url id may begin with '-', which the storage tool's argument parser then
+    # takes for an option ("--cluster-id: expected one argument": 1 start in 64 failed).
+    # Kafka's own Uuid.randomUuid() redraws such ids; so do we.
+    cluster_id="-"
+    while [ "${cluster_id:0:1}" = "-" ]; do
+      cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+    done
     java -cp "$cp" -Dlog4j2.configurationFile="$here/log4j2.properties" \
       kafka.tools.StorageTool format -t "$cluster_id" -c "$props" --ignore-formatted \
       >"$logfile" 2>&1 || { log "format failed:"; cat "$logfile" >&2; exit 1; }

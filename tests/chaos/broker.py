@@ -102,7 +102,11 @@ class PrivateBroker:
         self.home.mkdir(parents=True, exist_ok=True)
         self.props.write_text(_props(self.host, self.port, self.cport, self.home / "logs"))
         if not (self.home / ".formatted").exists():
-            cluster = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+            # Redrawn when it begins with '-', as Kafka's Uuid.randomUuid() does: the storage
+            # tool's parser takes "-t -abc…" for an option and the format fails (1 in 64).
+            cluster = "-"
+            while cluster.startswith("-"):
+                cluster = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
             with self.log_path.open("ab") as log:
                 subprocess.run(
                     self._java(
