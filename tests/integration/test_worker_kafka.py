@@ -371,44 +371,71 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
     group = broker.new_group()
     readings = list(stream(_spec(10000), readings_per_device=10000, anomaly_fraction=0.02))
     _produce(broker, topics["in"], readings[:10_000])
-    # The rest keeps arriving for ~10 s, so the second member joins mid-stream however fast
-    # the first one scores (a worker on the confluent client finished 80k readings before a
-    # second process had started).
+    # The rest keeps arriving, paced, until the second member owns partitions: the rebalance
+    # happens mid-stream however fast w1 scores and however slowly w2 starts (a worker on the
+    # confluent client finished 80k readings before a second process had started; on a
+    # loaded CI machine w2 took 9 s to start). Then the remainder at once.
     rest = readings[10_000:]
+    w2_owns = threading.Event()
 
     def feed() -> None:
-        step = len(rest) // 25 + 1
-        for i in range(0, len(rest), step):
+        step = len(rest) // 50 + 1
+        i = 0
+        while i < len(rest) and not w2_owns.is_set():
             _produce(broker, topics["in"], rest[i : i + step])
-            time.sleep(0.4)
+            i += step
+            time.sleep(0.2)
+        _produce(broker, topics["in"], rest[i:])  # one producer: each costs ~0.5 s
 
     feeder = threading.Thread(target=feed, daemon=True)
     slow = {"max_size": 32, "max_wait_ms": 5}
-    # Commit only every 2 s, so w1 surely holds scored, uncommitted batches at the revoke.
-    env = {"SENSOR_ANOMALY_KAFKA__COMMIT_INTERVAL_MS": "2000"}
+    # w1's timer commits only after 60 s (the limit), inside a transaction that may stay open
+    # that long: until the revoke nothing of w1's is committed, so the revoke-time commit is
+    # the only thing that keeps w2 from replaying w1's work (the duplicate check below).
+    # A 2 s timer left a window: w1, caught up and idle just after a timed commit, held
+    # nothing at the revoke (CI, 2026-12-02).
     w1 = WorkerProcess(
         _config(tmp_path, broker, registry, topics, group, delivery, "w1", **slow),
         tmp_path / "w1.log",
-        env=env,
+        env={
+            "SENSOR_ANOMALY_KAFKA__COMMIT_INTERVAL_MS": "60000",
+            "SENSOR_ANOMALY_KAFKA__TRANSACTION_TIMEOUT_MS": "180000",
+        },
     )
     feeder.start()
-    deadline = time.monotonic() + 60
-    while sum(v for v in broker.committed(group, topics["in"]).values() if v > 0) < 1000:
-        assert time.monotonic() < deadline and w1.alive(), w1.log()[-3000:]
-        time.sleep(0.05)
-    # A second member joins while w1 holds scored, uncommitted batches.
-    w2 = WorkerProcess(
-        _config(tmp_path, broker, registry, topics, group, delivery, "w2", **slow),
-        tmp_path / "w2.log",
-        env=env,
-    )
     try:
-        feeder.join(timeout=120)
-        wait_until_committed(broker, group, topics["in"], [w1, w2], timeout=150)
+        deadline = time.monotonic() + 60
+        # Scored and sent (the high watermark counts an open transaction's events too).
+        while sum(broker.end_offsets(topics["out"], committed_only=False).values()) < 10:
+            assert time.monotonic() < deadline and w1.alive(), w1.log()[-3000:]
+            time.sleep(0.05)
+        joined = len(w1.log())  # what w1 logs from here on is about w2's arrival
+        # A second member joins while w1 holds scored, uncommitted batches.
+        w2 = WorkerProcess(
+            _config(tmp_path, broker, registry, topics, group, delivery, "w2", **slow),
+            tmp_path / "w2.log",
+            env={"SENSOR_ANOMALY_KAFKA__COMMIT_INTERVAL_MS": "200"},
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while "assigned 2 partition(s)" not in w2.log():
+                assert time.monotonic() < deadline and w1.alive() and w2.alive(), (
+                    w1.log()[-3000:] + w2.log()[-3000:]
+                )
+                time.sleep(0.1)
+            w2_owns.set()
+            feeder.join(timeout=120)
+            # w1 leaves (its stop commits what it holds); w2 then owns and commits it all.
+            rc1 = w1.terminate()
+            wait_until_committed(broker, group, topics["in"], [w2], timeout=150)
+        finally:
+            rc2 = w2.terminate()
     finally:
-        rc1, rc2 = w1.terminate(), w2.terminate()
+        w2_owns.set()  # the feeder stops pacing whatever failed
+        rc1 = w1.terminate()  # the exit code it already had when stopped above
     assert (rc1, rc2) == (0, 0), w1.log()[-3000:] + w2.log()[-3000:]
-    assert "partitions revoked; committing" in w1.log(), w1.log()[-3000:]
+    # (kafka-python's w1 may also have revoked and committed once at its own start.)
+    assert "partitions revoked; committing" in w1.log()[joined:], w1.log()[-3000:]
     assert "rebalance callback throws" not in w1.log() + w2.log()
     assert "could not commit before the rebalance" not in w1.log()
     events = _events(broker, topics["out"])

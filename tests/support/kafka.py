@@ -175,10 +175,20 @@ class Broker:
         finally:
             c.close()
 
-    def end_offsets(self, topic: str) -> dict[int, int]:
+    def end_offsets(self, topic: str, committed_only: bool = True) -> dict[int, int]:
+        """Each partition's end: the last stable offset (``read_committed``, the default), or
+        with ``committed_only=False`` the high watermark, which counts records of open
+        transactions too."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         md = admin.list_topics(topic, timeout=10).topics[topic]
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "offsets-probe"})
+        isolation = "read_committed" if committed_only else "read_uncommitted"
+        c = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": "offsets-probe",
+                "isolation.level": isolation,
+            }
+        )
         try:
             return {
                 p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
