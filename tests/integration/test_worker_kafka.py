@@ -352,6 +352,10 @@ def test_sigterm_finishes_batch_commits_and_exits_zero(
     assert rc == 0, w.log()[-3000:]
     assert took < 30
     assert "stopped cleanly" in w.log()
+    # A lone member joins once: kafka-python's leader used to rejoin right after its first
+    # assignment (a stale metadata snapshot), revoking and committing within 0.1 s.
+    assert w.log().count("assigned 1 partition(s)") == 1, w.log()[-3000:]
+    assert "partitions revoked" not in w.log()
     committed = broker.committed(group, topics["in"])[0]
     # Nothing uncommitted: every published event comes from a committed offset, and
     # every injected anomaly below the committed offset has its event.

@@ -36,9 +36,35 @@ def client_id(cfg: WorkerConfig, instance_id: str) -> str:
     return f"{cfg.kafka.client_id}-{instance_id}"
 
 
+class _Consumer(KafkaConsumer):  # type: ignore[misc]
+    """A ``KafkaConsumer`` whose first join is its only one.
+
+    kafka-python's coordinator records, for the leader, the metadata it assigned from
+    (``_assignment_snapshot = _metadata_snapshot``) and rejoins when a later metadata
+    update differs. ``_metadata_snapshot`` is built when the coordinator is constructed
+    (subscription still empty: ``{}``) and refreshed only by metadata *updates*; when the
+    cache already knows the input topics (``Worker._await_input_metadata`` loads them, so
+    the first join assigns them), no update lands between ``subscribe()`` and the join. The
+    leader then assigns every partition, records ``{}``, and the next metadata response
+    (``request_update()`` right after the assignment) triggers a second rebalance: revoke,
+    commit, rejoin within 0.1 s of every start, and now and then a second join that stalls
+    until ``kafka.rejoin_stuck_s``. Refreshing the snapshot at ``subscribe()`` is what
+    kafka-python's PR #1174 does at construction. If the private names ever change, this
+    degrades to kafka-python's own behaviour (one extra rebalance), never to an error.
+    """
+
+    def subscribe(self, topics: Any = (), pattern: Any = None, listener: Any = None) -> None:
+        super().subscribe(topics=topics, pattern=pattern, listener=listener)
+        coord = getattr(self, "_coordinator", None)
+        build = getattr(coord, "_build_metadata_snapshot", None)
+        cluster = getattr(getattr(self, "_client", None), "cluster", None)
+        if coord is not None and build is not None and cluster is not None:
+            coord._metadata_snapshot = build(self._subscription, cluster)
+
+
 def build_consumer(cfg: WorkerConfig, instance_id: str = "") -> KafkaConsumer:
     k = cfg.kafka
-    return KafkaConsumer(
+    return _Consumer(
         bootstrap_servers=k.bootstrap_servers.split(","),
         group_id=k.group_id,
         client_id=client_id(cfg, instance_id or k.instance_id or "worker"),
