@@ -22,7 +22,7 @@ fi
 mkdir -p bench-out
 export KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP:-127.0.0.1:${KAFKA_PORT:-39092}}"
 export BENCH_COMMAND="${BENCH_COMMAND:-make bench}"
-parts=" ${BENCH_PARTS:-main clients scrape serve} "
+parts=" ${BENCH_PARTS:-main clients scrape joins serve} "
 want() { [[ "$parts" == *" $1 "* ]]; }
 if want main; then
   .venv/bin/python scripts/bench.py --write-docs "$@"
@@ -36,6 +36,10 @@ fi
 if want scrape; then
   echo "== /metrics under 200 concurrent scrapes (scripts/bench_scrape.py)"
   .venv/bin/python scripts/bench_scrape.py --rounds 3 | tee bench-out/scrape.txt
+fi
+if want joins; then
+  echo "== group joins per start, plain kafka-python vs the adapter (scripts/bench_joins.py)"
+  .venv/bin/python scripts/bench_joins.py --starts 10 | tee bench-out/joins.txt
 fi
 if want serve; then
   echo "== anomaly-serve vs the tutorial's Flask + Keras path (scripts/bench_serve.py)"
