@@ -430,13 +430,13 @@ def test_rebalance_mid_stream_commits_before_partitions_move(
             w2_owns.set()
             feeder.join(timeout=120)
             # w1 leaves (its stop commits what it holds); w2 then owns and commits it all.
-            rc1 = w1.terminate()
+            w1.terminate()
             wait_until_committed(broker, group, topics["in"], [w2], timeout=150)
         finally:
             rc2 = w2.terminate()
     finally:
         w2_owns.set()  # the feeder stops pacing whatever failed
-        rc1 = w1.terminate()  # the exit code it already had when stopped above
+        rc1 = w1.terminate()  # stopped above already: this returns its exit code
     assert (rc1, rc2) == (0, 0), w1.log()[-3000:] + w2.log()[-3000:]
     # Only what w1 logged after w2 started counts (before 5dae32c, kafka-python's w1 also
     # revoked and committed once at its own start).
